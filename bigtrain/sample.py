@@ -1,0 +1,67 @@
+"""Generate text from a run directory's latest (or a chosen) checkpoint, on one device."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from bigtrain import checkpoint as ckpt
+from bigtrain.config import from_dict
+from bigtrain.data.tokenizer import Tokenizer
+from bigtrain.errors import UserError
+from bigtrain.model import build_model, init_weights
+
+
+def load_for_inference(run: str | Path, step: int | None, device: torch.device):
+    """(model, config) from a run directory's checkpoint, as a plain single-device model."""
+    run = Path(run)
+    if not run.is_dir():
+        raise UserError(f"--run {str(run)!r} is not a directory")
+    if step is None:
+        path = ckpt.latest_checkpoint(run)
+        if path is None:
+            raise UserError(f"run directory {str(run)!r} holds no complete checkpoint (checkpoints/step_*)")
+    else:
+        path = ckpt.checkpoint_root(run) / f"step_{step:08d}"
+        if not path.is_dir():
+            have = [p.name for p in ckpt.list_checkpoints(run)]
+            raise UserError(f"run {str(run)!r} has no checkpoint for step {step}; it has {have}")
+    manifest = ckpt.read_manifest(path)
+    cfg = from_dict(manifest["config"])
+    model = init_weights(build_model(cfg.model), seed=0, device=device)  # values overwritten below
+    ckpt.load_model_state(model, ckpt.full_model_state(path, manifest), str(path))
+    return model.eval(), cfg
+
+
+@torch.no_grad()
+def generate(model, prompt_ids: list[int], max_new_tokens: int, temperature: float, top_k: int,
+             generator: torch.Generator, device: torch.device) -> list[int]:
+    """Autoregressive sampling; recomputes the whole (cropped) context each step, which is plenty
+    for the small models one samples from a laptop."""
+    ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, s)
+    max_len = model.cfg.max_seq_len
+    for _ in range(max_new_tokens):
+        logits = model(ids[:, -max_len:])[0, -1].float()  # (v,)
+        if temperature <= 0:
+            nxt = logits.argmax().view(1)
+        else:
+            logits = logits / temperature
+            if top_k > 0:
+                kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+                logits[logits < kth] = -float("inf")
+            nxt = torch.multinomial(torch.softmax(logits, -1).cpu(), 1, generator=generator).to(device)
+        ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+    return ids[0, len(prompt_ids):].tolist()
+
+
+def sample(run: str, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8, top_k: int = 50,
+           seed: int = 0, step: int | None = None) -> str:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, cfg = load_for_inference(run, step, device)
+    tok = Tokenizer(Path(cfg.data.path) / "tokenizer.model")
+    ids = tok.encode(prompt)
+    if not ids:
+        ids = [tok.bos_id]
+    out = generate(model, ids, max_new_tokens, temperature, top_k, torch.Generator().manual_seed(seed), device)
+    return prompt + tok.decode(out)

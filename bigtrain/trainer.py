@@ -1,0 +1,247 @@
+"""The training loop.
+
+    config -> ParallelDims -> plain model on meta -> parallelize -> init weights per rank
+           -> data-parallel wrapper -> Trainer.train() -> metrics and checkpoints
+
+`Trainer(cfg)` builds everything; `train_step()` runs one optimizer step (with gradient
+accumulation), `evaluate()` the validation loss, `train()` the whole run with logging, evaluation,
+checkpoints and exact resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from bigtrain import checkpoint as ckpt
+from bigtrain.config import Config, dump_yaml, to_dict
+from bigtrain.data.dataset import BatchLoader, TokenDataset, load_meta
+from bigtrain.distributed import init_distributed
+from bigtrain.errors import UserError
+from bigtrain.metrics import MetricsLogger, memory_stats, peak_flops
+from bigtrain.model import build_model, count_params, flops_per_token, init_weights
+from bigtrain.optim import build_optimizer, lr_at, set_lr
+from bigtrain.parallel.dims import ParallelDims, check_model
+from bigtrain.parallel.loss import cross_entropy
+from bigtrain.parallel.parallelize import clip_grad_norm, parallelize, sync_sequence_parallel_grads
+
+
+def resolve_vocab(cfg: Config) -> dict:
+    """Read the data's metadata and fill model.vocab_size from the tokenizer when it is 0."""
+    meta = load_meta(cfg.data.path)
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = int(meta["vocab_size"])
+    elif cfg.model.vocab_size < meta["vocab_size"]:
+        raise UserError(f"model.vocab_size({cfg.model.vocab_size}) is smaller than the tokenizer's "
+                        f"vocabulary ({meta['vocab_size']}) in data.path {cfg.data.path!r}")
+    return meta
+
+
+def build_parallel_model(cfg: Config, dims: ParallelDims, device: torch.device) -> torch.nn.Module:
+    """Plain model on meta -> tensor/sequence parallel layers -> weights materialised from the seed."""
+    check_model(cfg.model, dims.tp)
+    model = build_model(cfg.model)  # on the meta device: no memory until init_weights
+    if dims.tp > 1:
+        parallelize(model, dims, sequence_parallel=cfg.parallel.sequence_parallel)
+    return init_weights(model, cfg.train.seed, device=device)
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.dims, self.device = init_distributed(cfg)
+        self.is_main = self.dims.rank == 0
+        self.out_dir = Path(cfg.train.out_dir)
+        self.data_meta = resolve_vocab(cfg)
+        t = cfg.train
+        per_step = t.micro_batch_size * self.dims.dp
+        if t.global_batch_size % per_step:
+            raise UserError(f"train.global_batch_size({t.global_batch_size}) is not a multiple of "
+                            f"train.micro_batch_size({t.micro_batch_size}) * dp({self.dims.dp}) = {per_step}")
+        self.accum_steps = t.global_batch_size // per_step
+        resume_from = self._find_resume()
+
+        torch.manual_seed(t.seed)  # dropout stream; weights use their own per-parameter seeds
+        self.model = build_parallel_model(cfg, self.dims, self.device)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.autocast = _autocast(cfg, self.device)
+        self.train_loader = BatchLoader(TokenDataset(cfg.data.path, "train"), t.seq_len, t.micro_batch_size,
+                                        seed=t.seed, rank=self.dims.dp_rank, world=self.dims.dp)
+        self.val_data = TokenDataset(cfg.data.path, "val")
+        self.step = 0
+        if resume_from is not None:
+            self.load(resume_from)
+        self.flops_per_token = flops_per_token(cfg.model, t.seq_len)
+        self.peak_flops = peak_flops(self.device, cfg)
+
+    # ---------------------------------------------------------------------------------------
+    def _find_resume(self) -> Path | None:
+        r = self.cfg.train.resume
+        latest = ckpt.latest_checkpoint(self.out_dir)
+        if r == "auto":
+            return latest
+        if r == "none":
+            if latest is not None:
+                raise UserError(f"train.out_dir {str(self.out_dir)!r} already holds checkpoints (latest "
+                                f"{latest.name}); pass train.resume=auto to continue it, or choose another train.out_dir")
+            return None
+        path = Path(r)
+        if not path.exists():
+            raise UserError(f"train.resume={r!r}: no such checkpoint directory; use auto, none or a checkpoints/step_* path")
+        return path
+
+    def _accumulate(self, i: int):
+        """DDP all-reduces gradients only on the last micro-batch of an accumulation."""
+        sync = getattr(self.model, "no_sync", None)
+        if sync is None or i == self.accum_steps - 1:
+            return contextlib.nullcontext()
+        return sync()
+
+    def loss_on(self, batch: torch.Tensor) -> torch.Tensor:
+        """Mean next-token loss of a (b, s+1) batch of token ids."""
+        x, y = batch[:, :-1], batch[:, 1:]  # (b, s), (b, s)
+        with self.autocast:
+            logits = self.model(x)  # (b, s, v/tp)
+        return cross_entropy(logits, y, group=self.dims.tp_group, vocab_size=self.cfg.model.vocab_size)
+
+    def train_step(self) -> dict:
+        """One optimizer step over global_batch_size sequences; returns this step's metrics."""
+        self.model.train()
+        lr = lr_at(self.step, self.cfg.optim, self.cfg.train.steps)
+        set_lr(self.optimizer, lr)
+        loss_sum = torch.zeros((), device=self.device)
+        for i in range(self.accum_steps):
+            batch = self.train_loader.next_batch().to(self.device, non_blocking=True)
+            with self._accumulate(i):
+                loss = self.loss_on(batch)
+                (loss / self.accum_steps).backward()
+            loss_sum += loss.detach()
+        sync_sequence_parallel_grads(self.model, self.dims)
+        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
+        grad_norm = clip_grad_norm(self.model, max_norm, self.dims)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return {"loss": self._dp_mean(loss_sum / self.accum_steps), "lr": lr, "grad_norm": float(grad_norm)}
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over the first data.eval_batches micro-batches of the validation split (per DP rank)."""
+        self.model.eval()
+        loader = BatchLoader(self.val_data, self.cfg.train.seq_len, self.cfg.train.micro_batch_size,
+                             seed=0, rank=self.dims.dp_rank, world=self.dims.dp, shuffle=False)
+        total = torch.zeros((), device=self.device)
+        for _ in range(self.cfg.data.eval_batches):
+            total += self.loss_on(loader.next_batch().to(self.device)).float()
+        self.model.train()
+        return self._dp_mean(total / self.cfg.data.eval_batches)
+
+    def _dp_mean(self, value: torch.Tensor) -> float:
+        value = value.detach().float().clone()
+        if self.dims.dp_group is not None:
+            dist.all_reduce(value, group=self.dims.dp_group)
+            value /= self.dims.dp
+        return float(value)
+
+    # ---------------------------------------------------------------------------------------
+    def train(self) -> list[dict]:
+        cfg, t = self.cfg, self.cfg.train
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.yaml").write_text(dump_yaml(cfg))
+            print(dump_yaml(cfg), flush=True)
+            n = count_params(self.model)
+            print(f"model: {n / 1e6:.2f}M parameters on this rank, layout tp={self.dims.tp} dp={self.dims.dp}, "
+                  f"{self.accum_steps} micro-batch(es) per step, device {self.device}", flush=True)
+        logger = MetricsLogger(cfg, self.out_dir, enabled=self.is_main, start_step=self.step)
+        records = []
+        tokens_per_step = t.global_batch_size * t.seq_len
+        window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+        try:
+            while self.step < t.steps:
+                m = self.train_step()
+                logger.advance()
+                window_loss += m["loss"]
+                window_steps += 1
+                if self.step % cfg.log.every == 0 or self.step == t.steps:
+                    _sync(self.device)
+                    elapsed = time.perf_counter() - window_start
+                    tps = tokens_per_step * window_steps / elapsed
+                    record = {"step": self.step, "loss": window_loss / window_steps, "lr": m["lr"],
+                              "grad_norm": m["grad_norm"], "tokens_per_s": tps,
+                              "mfu": self._mfu(tps), **memory_stats(self.device)}
+                    if (t.eval_every and self.step % t.eval_every == 0) or self.step == t.steps:
+                        record["val_loss"] = self.evaluate()
+                    logger.log(record)
+                    records.append(record)
+                    window_loss, window_steps = 0.0, 0
+                    window_start = time.perf_counter()
+                if (t.save_every and self.step % t.save_every == 0) or self.step == t.steps:
+                    self.save()
+                    window_start = time.perf_counter()  # saving is not training time
+        finally:
+            logger.close()
+        return records
+
+    def _mfu(self, tokens_per_s: float) -> float | None:
+        if self.peak_flops is None:
+            return None
+        return self.flops_per_token * tokens_per_s / (self.peak_flops * self.dims.world_size)
+
+    # ---------------------------------------------------------------------------------------
+    def save(self) -> Path:
+        state = {
+            "model": {n: p.detach().cpu() for n, p in self.model.named_parameters()},
+            "optim": ckpt.optimizer_state_by_name(self.optimizer, self.model),
+            "shards": ckpt.shard_meta(self.model),
+            "rng": ckpt.rng_state(),
+            "step": self.step,
+            "tp_rank": self.dims.tp_rank,
+            "dp_rank": self.dims.dp_rank,
+        }
+        manifest = {"config": to_dict(self.cfg), "data": self.train_loader.state_dict()}
+        return ckpt.save_checkpoint(self.out_dir, self.step, state, manifest, self.dims,
+                                    self.cfg.checkpoint.keep_last)
+
+    def load(self, path: Path) -> None:
+        manifest = ckpt.read_manifest(path)
+        _check_same_model(manifest["config"]["model"], to_dict(self.cfg)["model"], path)
+        if (manifest["tp"], manifest["dp"]) != (self.dims.tp, self.dims.dp):
+            raise UserError(f"checkpoint {str(path)!r} was written at tp={manifest['tp']} dp={manifest['dp']}; "
+                            f"this run is tp={self.dims.tp} dp={self.dims.dp} (resharding is not supported yet)")
+        state = ckpt.read_rank_file(path, self.dims.rank)
+        ckpt.load_model_state(self.model, state["model"], str(path))
+        ckpt.load_optimizer_state_by_name(self.optimizer, self.model, state["optim"])
+        ckpt.set_rng_state(state["rng"])
+        self.train_loader.load_state_dict(manifest["data"])
+        self.step = int(manifest["step"])
+        if self.is_main:
+            print(f"resumed from {path} at step {self.step}", flush=True)
+
+
+def _check_same_model(saved: dict, current: dict, path: Path) -> None:
+    # max_seq_len and dropout do not change the weights' shapes or meaning.
+    ignore = {"max_seq_len", "dropout"}
+    diff = [f"model.{k}: {saved.get(k)!r} in checkpoint vs {current[k]!r}"
+            for k in current if k not in ignore and saved.get(k) != current[k]]
+    if diff:
+        raise UserError(f"checkpoint {str(path)!r} was written with a different model: {'; '.join(diff)}")
+
+
+def _autocast(cfg: Config, device: torch.device):
+    dtype = cfg.train.dtype
+    if dtype == "auto":
+        dtype = "bf16" if device.type == "cuda" else "fp32"
+    if dtype == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -56,6 +56,10 @@ def prepare(corpus: list[str] | None, out_dir: str, vocab_size: int = 4096, mode
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise UserError(f"out_dir {str(out)!r} is a file; give a directory (it is created if missing)")
+    # A corpus directory that holds out_dir must not swallow an earlier run's token files.
+    files = [f for f in files if out.resolve() not in f.resolve().parents]
+    if not files:
+        raise UserError(f"{label} has no files outside out_dir {str(out)!r}")
 
     pieces, n_docs = _training_pieces(files, text_field, seed)
     if n_docs == 0:
@@ -105,7 +109,7 @@ def _check_args(vocab_size, model_type, val_fraction, text_field) -> None:
         raise UserError(f"model_type={model_type!r} is not allowed; choose one of {', '.join(MODEL_TYPES)}")
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 0 < vocab_size <= 1 << 32:
         raise UserError(f"vocab_size={vocab_size!r} is not allowed; give a positive integer <= 2**32")
-    if not 0.0 <= val_fraction < 1.0:
+    if not isinstance(val_fraction, (int, float)) or not 0.0 <= val_fraction < 1.0:
         raise UserError(f"val_fraction={val_fraction!r} is not allowed; it must be in [0, 1)")
     if not isinstance(text_field, str) or not text_field:
         raise UserError(f"text_field={text_field!r} is not allowed; give the JSON key holding each document's text")
@@ -254,28 +258,29 @@ def _train_tokenizer(pieces: list[str], vocab_size: int, model_type: str, seed: 
     spm.set_random_generator_seed(seed)
     buf = io.BytesIO()
     try:
-        with open(os.devnull, "w") as devnull:
-            spm.SentencePieceTrainer.train(
-                sentence_iterator=iter(pieces),
-                model_writer=buf,
-                logstream=devnull,
-                model_type=model_type,
-                vocab_size=vocab_size,
-                character_coverage=1.0,
-                byte_fallback=True,
-                # Exact round trip: no NFKC, no whitespace collapsing, no invented leading space.
-                normalization_rule_name="identity",
-                remove_extra_whitespaces=False,
-                add_dummy_prefix=False,
-                allow_whitespace_only_pieces=True,
-                split_digits=True,
-                unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=-1,
-                # The sample is already drawn (seeded) above; sentencepiece must not draw another.
-                input_sentence_size=MAX_TRAIN_PIECES,
-                shuffle_input_sentence=False,
-                max_sentence_length=4 * MAX_PIECE_CHARS,  # bytes; a character is at most 4
-                num_threads=max(1, min(4, os.cpu_count() or 1)),
-            )
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(pieces),
+            model_writer=buf,
+            # Errors only (they become exceptions anyway). logstream= would redirect fd 2 through
+            # sys.stderr.fileno(), which fails under captured or notebook stderr.
+            minloglevel=2,
+            model_type=model_type,
+            vocab_size=vocab_size,
+            character_coverage=1.0,
+            byte_fallback=True,
+            # Exact round trip: no NFKC, no whitespace collapsing, no invented leading space.
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+            allow_whitespace_only_pieces=True,
+            split_digits=True,
+            unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=-1,
+            # The sample is already drawn (seeded) above; sentencepiece must not draw another.
+            input_sentence_size=MAX_TRAIN_PIECES,
+            shuffle_input_sentence=False,
+            max_sentence_length=4 * MAX_PIECE_CHARS,  # bytes; a character is at most 4
+            num_threads=max(1, min(4, os.cpu_count() or 1)),
+        )
     except RuntimeError as e:
         msg = str(e)
         if m := re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", msg):

@@ -158,10 +158,12 @@ def write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(out_dir: str | Path, step: int, rank_state: dict, manifest: dict, dims, keep_last: int) -> Path:
+def save_checkpoint(out_dir: str | Path, step: int, rank_state: dict, manifest: dict, dims, keep_last: int,
+                    write_extra=None) -> Path:
     """Write this rank's state; rank 0 adds the manifest and publishes the directory.
 
     Collective: every rank of the job calls it (barriers keep the phases in order).
+    `write_extra(directory)`, when given, is called on every rank to add engine files (DeepSpeed).
     """
     root = checkpoint_root(out_dir)
     final = root / f"step_{step:08d}"
@@ -172,6 +174,8 @@ def save_checkpoint(out_dir: str | Path, step: int, rank_state: dict, manifest: 
             shutil.rmtree(tmp)
         tmp.mkdir()
     _barrier()
+    if write_extra is not None:
+        write_extra(tmp)
     write_file(tmp / f"rank{dims.rank:05d}.pt", rank_state)
     _barrier()
     if dims.rank == 0:
@@ -243,19 +247,44 @@ def load_model_state(model: nn.Module, saved: dict, source: str) -> None:
             p.copy_(t)
 
 
+def unshard(pieces: list[torch.Tensor], info: dict) -> torch.Tensor:
+    """One full (unsharded, unpadded) tensor from the tensor-parallel ranks' pieces, in tp-rank
+    order: concatenated along shard_dim and cut to the full size (vocab padding sits at the end).
+    Replicated tensors are taken from tp rank 0."""
+    dim = info["shard_dim"]
+    if dim is None:
+        return pieces[0]
+    return torch.cat(pieces, dim=dim).narrow(dim, 0, info["full_shape"][dim]).contiguous()
+
+
 def full_tensors(shards: list[dict], meta: dict) -> dict:
-    """Rebuild full (unsharded, unpadded) tensors from the tensor-parallel ranks' dicts, in tp-rank
-    order. Sharded entries are concatenated along their shard_dim and cut to the full size (vocab
-    padding sits at the end); replicated entries are taken from tp rank 0."""
-    out = {}
-    for name, info in meta.items():
-        dim = info["shard_dim"]
-        if dim is None or len(shards) == 1 and list(shards[0][name].shape) == info["full_shape"]:
-            out[name] = shards[0][name]
-        else:
-            full = torch.cat([s[name] for s in shards], dim=dim)
-            out[name] = full.narrow(dim, 0, info["full_shape"][dim]).contiguous()
-    return out
+    """unshard() for every parameter of the TP ranks' {name: tensor} dicts."""
+    return {name: unshard([s[name] for s in shards], info) for name, info in meta.items()}
+
+
+def reshard(path: str | Path, manifest: dict, module: nn.Module) -> tuple[dict, dict]:
+    """(model state, optimizer state by name) for this rank of `module`'s layout, from a checkpoint
+    written at another tp/dp layout: rebuild every full tensor from the saved TP group of
+    data-parallel rank 0, then cut this rank's slice with the parameter's own shard_of."""
+    states = [read_rank_file(path, r) for r in range(manifest["tp"])]
+    meta = states[0]["shards"]
+    params = dict(module.named_parameters())
+
+    def mine(name: str, full: torch.Tensor) -> torch.Tensor:
+        shard_of = getattr(params[name], "shard_of", None) if name in params else None
+        return shard_of(full) if shard_of is not None else full
+
+    model = {n: mine(n, t) for n, t in full_tensors([s["model"] for s in states], meta).items()}
+    optim = {"groups": states[0]["optim"]["groups"], "state": {}}
+    for name, entry in states[0]["optim"]["state"].items():
+        optim["state"][name] = {}
+        for key, value in entry.items():
+            if torch.is_tensor(value) and value.ndim > 0 and name in meta:  # exp_avg, exp_avg_sq: like the param
+                full = unshard([s["optim"]["state"][name][key] for s in states], meta[name])
+                optim["state"][name][key] = mine(name, full)
+            else:  # the step counter: the same on every rank
+                optim["state"][name][key] = value
+    return model, optim
 
 
 def full_model_state(path: str | Path, manifest: dict) -> dict:

@@ -11,7 +11,6 @@ checkpoints and exact resume.
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from pathlib import Path
 
@@ -25,10 +24,11 @@ from bigtrain.distributed import init_distributed
 from bigtrain.errors import UserError
 from bigtrain.metrics import MetricsLogger, memory_stats, peak_flops
 from bigtrain.model import build_model, count_params, flops_per_token, init_weights
-from bigtrain.optim import build_optimizer, lr_at, set_lr
+from bigtrain.optim import lr_at
 from bigtrain.parallel.dims import ParallelDims, check_model
+from bigtrain.parallel.engine import build_engine
 from bigtrain.parallel.loss import cross_entropy
-from bigtrain.parallel.parallelize import clip_grad_norm, parallelize, sync_sequence_parallel_grads
+from bigtrain.parallel.parallelize import parallelize
 
 
 def resolve_vocab(cfg: Config) -> dict:
@@ -67,8 +67,9 @@ class Trainer:
         resume_from = self._find_resume()
 
         torch.manual_seed(t.seed)  # dropout stream; weights use their own per-parameter seeds
-        self.model = build_parallel_model(cfg, self.dims, self.device)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.module = build_parallel_model(cfg, self.dims, self.device)
+        self.engine = build_engine(self.module, self.dims, cfg, self.accum_steps, self.device)
+        self.model = self.engine.model  # the data-parallel wrapper (or the module itself)
         self.autocast = _autocast(cfg, self.device)
         self.train_loader = BatchLoader(TokenDataset(cfg.data.path, "train"), t.seq_len, t.micro_batch_size,
                                         seed=t.seed, rank=self.dims.dp_rank, world=self.dims.dp)
@@ -95,13 +96,6 @@ class Trainer:
             raise UserError(f"train.resume={r!r}: no such checkpoint directory; use auto, none or a checkpoints/step_* path")
         return path
 
-    def _accumulate(self, i: int):
-        """DDP all-reduces gradients only on the last micro-batch of an accumulation."""
-        sync = getattr(self.model, "no_sync", None)
-        if sync is None or i == self.accum_steps - 1:
-            return contextlib.nullcontext()
-        return sync()
-
     def loss_on(self, batch: torch.Tensor) -> torch.Tensor:
         """Mean next-token loss of a (b, s+1) batch of token ids."""
         x, y = batch[:, :-1], batch[:, 1:]  # (b, s), (b, s)
@@ -113,21 +107,17 @@ class Trainer:
         """One optimizer step over global_batch_size sequences; returns this step's metrics."""
         self.model.train()
         lr = lr_at(self.step, self.cfg.optim, self.cfg.train.steps)
-        set_lr(self.optimizer, lr)
+        self.engine.set_lr(lr)
         loss_sum = torch.zeros((), device=self.device)
         for i in range(self.accum_steps):
             batch = self.train_loader.next_batch().to(self.device, non_blocking=True)
-            with self._accumulate(i):
+            with self.engine.accumulate(last=i == self.accum_steps - 1):
                 loss = self.loss_on(batch)
-                (loss / self.accum_steps).backward()
+                self.engine.backward(loss)
             loss_sum += loss.detach()
-        sync_sequence_parallel_grads(self.model, self.dims)
-        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
-        grad_norm = clip_grad_norm(self.model, max_norm, self.dims)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = self.engine.step()
         self.step += 1
-        return {"loss": self._dp_mean(loss_sum / self.accum_steps), "lr": lr, "grad_norm": float(grad_norm)}
+        return {"loss": self._dp_mean(loss_sum / self.accum_steps), "lr": lr, "grad_norm": grad_norm}
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -155,7 +145,7 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.yaml").write_text(dump_yaml(cfg))
             print(dump_yaml(cfg), flush=True)
-            n = count_params(self.model)
+            n = count_params(self.module)
             print(f"model: {n / 1e6:.2f}M parameters on this rank, layout tp={self.dims.tp} dp={self.dims.dp}, "
                   f"{self.accum_steps} micro-batch(es) per step, device {self.device}", flush=True)
         logger = MetricsLogger(cfg, self.out_dir, enabled=self.is_main, start_step=self.step)
@@ -196,32 +186,44 @@ class Trainer:
     # ---------------------------------------------------------------------------------------
     def save(self) -> Path:
         state = {
-            "model": {n: p.detach().cpu() for n, p in self.model.named_parameters()},
-            "optim": ckpt.optimizer_state_by_name(self.optimizer, self.model),
-            "shards": ckpt.shard_meta(self.model),
+            "model": {n: p.detach().cpu() for n, p in self.module.named_parameters()},
+            **self.engine.state_dict(),
+            "shards": ckpt.shard_meta(self.module),
             "rng": ckpt.rng_state(),
             "step": self.step,
-            "tp_rank": self.dims.tp_rank,
-            "dp_rank": self.dims.dp_rank,
         }
-        manifest = {"config": to_dict(self.cfg), "data": self.train_loader.state_dict()}
+        manifest = {"config": to_dict(self.cfg), "data": self.train_loader.state_dict(),
+                    "engine": self.cfg.parallel.engine}
         return ckpt.save_checkpoint(self.out_dir, self.step, state, manifest, self.dims,
-                                    self.cfg.checkpoint.keep_last)
+                                    self.cfg.checkpoint.keep_last, write_extra=self.engine.save)
 
     def load(self, path: Path) -> None:
         manifest = ckpt.read_manifest(path)
         _check_same_model(manifest["config"]["model"], to_dict(self.cfg)["model"], path)
-        if (manifest["tp"], manifest["dp"]) != (self.dims.tp, self.dims.dp):
+        if manifest.get("engine", "ddp") != self.cfg.parallel.engine:
+            raise UserError(f"checkpoint {str(path)!r} was written with parallel.engine={manifest.get('engine')}; "
+                            f"resume it with the same engine")
+        same_layout = (manifest["tp"], manifest["dp"]) == (self.dims.tp, self.dims.dp)
+        if same_layout:
+            state = ckpt.read_rank_file(path, self.dims.rank)
+            model_state, rng = state["model"], state["rng"]
+            self.engine.load_state_dict(state)
+        elif self.cfg.parallel.engine == "deepspeed":
             raise UserError(f"checkpoint {str(path)!r} was written at tp={manifest['tp']} dp={manifest['dp']}; "
-                            f"this run is tp={self.dims.tp} dp={self.dims.dp} (resharding is not supported yet)")
-        state = ckpt.read_rank_file(path, self.dims.rank)
-        ckpt.load_model_state(self.model, state["model"], str(path))
-        ckpt.load_optimizer_state_by_name(self.optimizer, self.model, state["optim"])
-        ckpt.set_rng_state(state["rng"])
+                            f"DeepSpeed checkpoints resume only at the same layout (tp={self.dims.tp} dp={self.dims.dp} now)")
+        else:
+            model_state, optim_state = ckpt.reshard(path, manifest, self.module)
+            self.engine.load_state_dict({"optim": optim_state})
+            # The default RNG streams advance identically on every rank: take rank 0's.
+            rng = ckpt.read_rank_file(path, 0)["rng"]
+        ckpt.load_model_state(self.module, model_state, str(path))
+        self.engine.load(path)
+        ckpt.set_rng_state(rng)
         self.train_loader.load_state_dict(manifest["data"])
         self.step = int(manifest["step"])
         if self.is_main:
-            print(f"resumed from {path} at step {self.step}", flush=True)
+            how = "" if same_layout else f" (resharded from tp={manifest['tp']} dp={manifest['dp']})"
+            print(f"resumed from {path} at step {self.step}{how}", flush=True)
 
 
 def _check_same_model(saved: dict, current: dict, path: Path) -> None:

@@ -1,0 +1,153 @@
+"""End-to-end training on a tiny model: learning, exact resume after SIGKILL, clear user errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from bigtrain import checkpoint as ckpt
+from bigtrain.config import load_config
+from bigtrain.trainer import Trainer
+from tests.conftest import ROOT, TINY, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def overrides(data: Path, out: Path, *extra: str) -> list[str]:
+    return [*TINY, f"data.path={data}", f"train.out_dir={out}", *extra]
+
+
+def losses(out: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records]
+    assert steps == sorted(set(steps)), f"duplicate or unordered steps in metrics.jsonl: {steps}"
+    return {r["step"]: r["loss"] for r in records}
+
+
+def test_loss_falls_and_metrics_are_complete(tiny_data, tmp_path):
+    torch.set_num_threads(1)
+    cfg = load_config("configs/debug.yaml", overrides(tiny_data, tmp_path / "run", "train.steps=40",
+                                                      "train.save_every=0"))
+    records = Trainer(cfg).train()
+    assert len(records) == 40
+    first, last = records[0]["loss"], records[-1]["loss"]
+    assert last < 0.6 * first, (first, last)
+    for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "max_rss_gib"):
+        assert key in records[-1]
+    assert records[-1]["val_loss"] < records[0]["loss"]
+    assert (tmp_path / "run" / "config.yaml").exists()
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "run")] == ["step_00000040"]
+
+
+def _train_args(data, out, *extra):
+    return ["train", "--config", "configs/debug.yaml", *overrides(data, out, "train.steps=8", "train.save_every=3",
+                                                                  "model.dropout=0.1", *extra)]
+
+
+@pytest.fixture(scope="module")
+def reference_losses(tiny_data, tmp_path_factory):
+    """Losses of an uninterrupted 8-step run (dropout on, so RNG state matters)."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    run_cli(*_train_args(tiny_data, out), check=True)
+    ref = losses(out)
+    assert sorted(ref) == list(range(1, 9))
+    return ref
+
+
+def test_sigkill_during_training_resumes_exactly(tiny_data, tmp_path, reference_losses):
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "bigtrain.cli", *_train_args(tiny_data, out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
+    # Kill it as soon as step 5 is logged: after the step-3 checkpoint, before the step-6 one.
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "metrics.jsonl").exists() and any(json.loads(line)["step"] >= 5 for line in
+                                                    (out / "metrics.jsonl").read_text().splitlines() if line):
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    latest = ckpt.latest_checkpoint(out)
+    assert latest is not None and latest.name in ("step_00000003", "step_00000006")
+    run_cli(*_train_args(tiny_data, out, "train.resume=auto"), check=True)
+    assert losses(out) == reference_losses  # bitwise: same floats, step for step
+
+
+KILL_IN_SAVE = """
+import os, signal, sys
+import bigtrain.checkpoint as c
+real = c.write_json
+def write_json(path, obj):
+    if path.name == "manifest.json" and obj.get("step") == 6:
+        os.kill(os.getpid(), signal.SIGKILL)   # rank file written, manifest not: half a checkpoint
+    real(path, obj)
+c.write_json = write_json
+from bigtrain.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigkill_during_save_resumes_exactly(tiny_data, tmp_path, reference_losses):
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-c", KILL_IN_SAVE, *_train_args(tiny_data, out)], env=env, cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == -signal.SIGKILL
+    assert (out / "checkpoints" / ".tmp_step_00000006" / "rank00000.pt").exists()
+    assert ckpt.latest_checkpoint(out).name == "step_00000003"
+    run_cli(*_train_args(tiny_data, out, "train.resume=auto"), check=True)
+    assert losses(out) == reference_losses
+    assert not (out / "checkpoints" / ".tmp_step_00000006").exists()
+
+
+def test_keep_last(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    run_cli(*_train_args(tiny_data, out, "train.save_every=1", "checkpoint.keep_last=2"), check=True)
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["step_00000007", "step_00000008"]
+
+
+def test_sample_prints_text(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    run_cli(*_train_args(tiny_data, out, "train.steps=2"), check=True)
+    r = run_cli("sample", "--run", str(out), "--prompt", "To be", "--max-new-tokens", "10", check=True)
+    assert r.stdout.startswith("To be") and len(r.stdout.strip()) > len("To be")
+
+
+def _assert_user_error(r, *fragments):
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def test_bad_inputs_exit_2(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    _assert_user_error(run_cli(*_train_args(tmp_path / "nodata", out)), "nodata", "bigtrain prepare")
+    _assert_user_error(run_cli(*_train_args(tiny_data, out, "model.n_heads=3")), "model.dim(64) is not divisible by model.n_heads(3)")
+    _assert_user_error(run_cli(*_train_args(tiny_data, out, "train.seq_len=128")), "train.seq_len(128) exceeds model.max_seq_len(64)")
+    _assert_user_error(run_cli("train", "--config", "missing.yaml"), "missing.yaml", "does not exist")
+    _assert_user_error(run_cli("prepare", "--corpus", str(tmp_path / "none*.txt"), "--out", str(tmp_path / "d")), "none*.txt")
+    _assert_user_error(run_cli("sample", "--run", str(tmp_path / "nothing")), "nothing")
+
+    run_cli(*_train_args(tiny_data, out, "train.steps=3"), check=True)
+    metrics_before = (out / "metrics.jsonl").read_text()
+    # an existing run is never overwritten by accident
+    _assert_user_error(run_cli(*_train_args(tiny_data, out, "train.steps=4")), "already holds checkpoints", "train.resume=auto")
+    # a different model cannot resume this checkpoint
+    _assert_user_error(run_cli(*_train_args(tiny_data, out, "train.steps=4", "train.resume=auto", "model.dim=32",
+                                            "model.n_heads=2", "model.n_kv_heads=1")),
+                       "different model", "model.dim: 64 in checkpoint vs 32")
+    _assert_user_error(run_cli(*_train_args(tiny_data, out, "train.resume=" + str(tmp_path / "nock"))), "no such checkpoint")
+    # a corrupt checkpoint file
+    rank_file = ckpt.latest_checkpoint(out) / "rank00000.pt"
+    rank_file.write_bytes(rank_file.read_bytes()[:1000])
+    _assert_user_error(run_cli(*_train_args(tiny_data, out, "train.steps=4", "train.resume=auto")), "corrupt")
+    assert (out / "metrics.jsonl").read_text() == metrics_before  # nothing written was lost

@@ -44,7 +44,10 @@ def select_device(cfg: Config, local_rank: int) -> torch.device:
 
 def init_distributed(cfg: Config) -> tuple[ParallelDims, torch.device]:
     """Validate the layout, create the process groups (if more than one process) and pick the device."""
-    world, rank, local_rank = env_ranks()
+    if dist.is_initialized():  # the caller (a test, a notebook) already made the default group
+        world, rank, local_rank = dist.get_world_size(), dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0))
+    else:
+        world, rank, local_rank = env_ranks()
     check_layout(world, cfg.parallel.tp, cfg.parallel.dp)  # before any collective: fail fast, clearly
     device = select_device(cfg, local_rank)
     if world == 1:

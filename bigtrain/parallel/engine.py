@@ -41,7 +41,7 @@ class TorchEngine:
 
             # Each DP group all-reduces only its own parameter shards; TP peers hold different
             # shards and never share a DDP group (see ParallelDims' rank layout).
-            self.model = DDP(module, process_group=dims.dp_group, broadcast_buffers=False,
+            self.model = DDP(module, process_group=dims.dp_group,
                              device_ids=[device.index] if device.type == "cuda" else None)
         self.optimizer = build_optimizer(module, cfg.optim)
 

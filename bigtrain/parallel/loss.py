@@ -1,0 +1,68 @@
+"""Cross-entropy over logits whose vocab is split over the TP ranks (Megatron's vocab-parallel
+cross-entropy): the full (b, s, v) logits are never gathered, only three (b*s,) vectors are
+all-reduced: the max, the sum of exponentials and the target logit.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from bigtrain.parallel.mappings import group_rank, group_size
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, group=None, vocab_size: int | None = None) -> torch.Tensor:
+    """Mean cross-entropy over all tokens, computed in fp32.
+
+    logits: (..., v_local), this rank's vocab slice (ranks in tp_rank order) when `group` has
+    more than one rank, else the full (..., v). targets: (...) global token ids in [0, vocab).
+    Columns at or past `vocab_size` (tp padding) are excluded; None keeps every column.
+    """
+    if group_size(group) == 1:
+        if vocab_size is not None:
+            logits = logits[..., :vocab_size]
+        return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten())
+    losses = _VocabParallelCrossEntropy.apply(logits.flatten(0, -2), targets.flatten(), group, vocab_size)
+    return losses.mean()
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Forward: per-token loss log(sum_v exp(z_v)) - z_target from vocab-split logits, with
+    all-reduces (max, then sum-exp and target logit together) over `group`.
+    Backward: purely local: softmax minus one-hot on this rank's slice, times the incoming
+    gradient; no communication, since each rank owns its columns' gradient."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, group, vocab_size):
+        n_local = logits.shape[-1]  # logits (n, v/tp), targets (n,)
+        start = group_rank(group) * n_local
+        z = logits.to(torch.float32, copy=True)  # our own fp32 buffer, modified in place below
+        if vocab_size is not None and start + n_local > vocab_size:
+            z[:, max(0, vocab_size - start):] = float("-inf")  # padding columns: no softmax mass
+        zmax = z.max(dim=-1).values  # (n,)
+        dist.all_reduce(zmax, op=dist.ReduceOp.MAX, group=group)
+        z.sub_(zmax.unsqueeze(-1))  # the max shift cancels in the loss; it only prevents overflow
+
+        elsewhere = (targets < start) | (targets >= start + n_local)  # target owned by another rank
+        local_t = (targets - start).masked_fill(elsewhere, 0)
+        target_z = z.gather(-1, local_t.unsqueeze(-1)).squeeze(-1).masked_fill(elsewhere, 0.0)  # (n,)
+        probs = z.exp_()  # (n, v/tp), in place: z is no longer needed
+        sums = torch.stack([probs.sum(dim=-1), target_z])  # (2, n): one all-reduce for both
+        dist.all_reduce(sums, group=group)
+        sum_exp, target_z = sums.unbind(0)
+        probs.div_(sum_exp.unsqueeze(-1))  # softmax over the full vocab
+
+        ctx.save_for_backward(probs, local_t, elsewhere)
+        ctx.logits_dtype = logits.dtype
+        return sum_exp.log() - target_z  # (n,)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        probs, local_t, elsewhere = ctx.saved_tensors
+        # d loss / d z = softmax - onehot(target). Reuses the saved softmax in place (it is as
+        # large as the logits), so this graph cannot be backpropagated twice (retain_graph).
+        grad = probs
+        grad.scatter_add_(-1, local_t.unsqueeze(-1), (elsewhere.to(grad.dtype) - 1.0).unsqueeze(-1))
+        grad.mul_(grad_loss.unsqueeze(-1))
+        return grad.to(ctx.logits_dtype), None, None, None

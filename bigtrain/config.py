@@ -113,26 +113,49 @@ class ParallelConfig:
 @dataclass
 class RecomputeConfig:
     granularity: Literal["none", "full", "selective", "auto"] = "none"
-    """Activation checkpointing: none keeps everything, full keeps only block inputs, selective recomputes recompute.modules, auto plans from recompute.memory_budget."""
+    """Activation checkpointing: none keeps everything, full keeps only the inputs of checkpointed blocks, selective recomputes recompute.modules inside every block, auto plans from recompute.memory_budget."""
     method: Literal["uniform", "block"] = "uniform"
-    """Full recompute: uniform checkpoints groups of num_layers blocks; block checkpoints only the first num_layers blocks."""
+    """Full recompute: uniform checkpoints groups of num_layers blocks (one input kept per group); block checkpoints only the first num_layers blocks, the rest keep everything."""
     num_layers: int = 1
-    """Group size (uniform) or number of checkpointed blocks (block)."""
-    modules: list[str] = field(default_factory=lambda: ["mlp_act"])
-    """Selective recompute: what is recomputed inside each block (norm, mlp_act, core_attn, mlp)."""
+    """Group size (method uniform) or number of checkpointed blocks (method block)."""
+    modules: list[str] = field(default_factory=lambda: ["norm", "mlp_act"])
+    """Selective recompute: what is recomputed inside each block: norm (both RMSNorms), mlp_act (the SwiGLU product), core_attn (fused attention; saves little, see README), mlp (the whole MLP)."""
     offload: bool = False
-    """Move tensors saved for backward to host memory and bring them back for their block's backward."""
+    """Move the tensors kept for backward (checkpoint inputs under full; all kept activations under none or selective) to a reused host pool, copied back before their block's backward."""
+    offload_min_size: str = "1MiB"
+    """Offload: tensors smaller than this stay on the device (e.g. 64KiB, 0 moves everything)."""
     partition: bool = False
-    """Store each checkpoint input as a 1/tp slice per tensor-parallel rank, all-gathered for the replay."""
+    """Full recompute: keep each checkpoint input as this rank's 1/tp slice, all-gathered for the replay (needs parallel.tp > 1; a no-op under sequence parallelism, whose inputs are already split)."""
     memory_budget: str = ""
     """Per-GPU memory budget for granularity auto, e.g. 70GiB."""
 
     def validate(self) -> None:
         _positive(self, "num_layers")
-        allowed = {"norm", "mlp_act", "core_attn", "mlp"}
-        bad = [m for m in self.modules if m not in allowed]
+        bad = [m for m in self.modules if m not in RECOMPUTE_MODULES]
         if bad:
-            raise ConfigError(f"recompute.modules has unknown {bad}; allowed: {sorted(allowed)}")
+            raise ConfigError(f"recompute.modules has unknown {bad}; allowed: {', '.join(RECOMPUTE_MODULES)}")
+        parse_bytes(self.offload_min_size)
+        g = self.granularity
+        if g == "auto":
+            raise ConfigError("recompute.granularity=auto (planning from recompute.memory_budget) is not available "
+                              "in this version; choose none, full or selective")
+        if self.memory_budget and g != "auto":
+            raise ConfigError(f"recompute.memory_budget is only used by recompute.granularity=auto (it is {g})")
+        if self.partition and g != "full":
+            raise ConfigError(f"recompute.partition=true splits the inputs kept by full recompute across the "
+                              f"tensor-parallel ranks; it needs recompute.granularity=full (it is {g})")
+        if g == "selective":
+            if not self.modules:
+                raise ConfigError("recompute.granularity=selective needs recompute.modules, a list from: "
+                                  + ", ".join(RECOMPUTE_MODULES))
+            if "mlp" in self.modules and "mlp_act" in self.modules:
+                raise ConfigError("recompute.modules lists both mlp and mlp_act; mlp already recomputes the "
+                                  "SwiGLU product: keep one")
+            if len(set(self.modules)) != len(self.modules):
+                raise ConfigError(f"recompute.modules={self.modules} lists a module twice")
+
+
+RECOMPUTE_MODULES = ("norm", "mlp_act", "core_attn", "mlp")
 
 
 @dataclass
@@ -276,9 +299,12 @@ class Config:
         if t.global_batch_size % t.micro_batch_size:
             raise ConfigError(f"train.global_batch_size({t.global_batch_size}) is not a multiple of "
                               f"train.micro_batch_size({t.micro_batch_size})")
-        if self.recompute.granularity != "none" or self.recompute.offload or self.recompute.partition:
-            raise ConfigError("recompute.* (activation checkpointing) is not available in this version; "
-                              "leave recompute.granularity=none, recompute.offload=false, recompute.partition=false")
+        r = self.recompute
+        if r.granularity == "full" and r.num_layers > m.n_layers:
+            raise ConfigError(f"recompute.num_layers({r.num_layers}) exceeds model.n_layers({m.n_layers})")
+        if r.partition and self.parallel.tp == 1:
+            raise ConfigError("recompute.partition=true splits checkpoints across tensor-parallel ranks; "
+                              "it needs parallel.tp > 1")
         return self
 
 

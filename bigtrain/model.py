@@ -143,6 +143,9 @@ class Transformer(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        # Runs self.layers when set (bigtrain.recompute.apply_recompute installs the activation-
+        # memory policy here); None runs them one after the other.
+        self.block_runner = None
         # Not a parameter and not saved: recomputed by init_weights / reset_rope.
         self.register_buffer("rope", rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta), persistent=False)
 
@@ -155,8 +158,11 @@ class Transformer(nn.Module):
         s = tokens.shape[1]
         x = self.dropout(self.tok_embeddings(tokens))  # (b, s, h)
         rope = self.rope[:s]
-        for layer in self.layers:
-            x = layer(x, rope)
+        if self.block_runner is not None:
+            x = self.block_runner(x, rope)
+        else:
+            for layer in self.layers:
+                x = layer(x, rope)
         return self.norm(x)
 
     def reset_rope(self, device=None) -> None:

@@ -1,0 +1,18 @@
+"""Activation memory as a knob: full, selective, CPU-offloaded and partitioned recompute.
+
+    apply_recompute(model, dims, cfg.recompute, sequence_parallel)   # after parallelize()
+    with ActivationAccountant(model) as acc:                         # what a forward keeps
+        loss = ...
+    print(acc.report)
+
+Modules: checkpoint (the RNG-exact, input-preserving checkpoint function), saved (where kept
+tensors live: device or host pool, with prefetch), policy (config -> runner and wrappers),
+accounting (the saved-bytes accountant and the analytical formula for our block).
+"""
+
+from bigtrain.recompute.accounting import ActivationAccountant, ActivationReport, block_formula
+from bigtrain.recompute.checkpoint import Stash, checkpoint, is_recomputing
+from bigtrain.recompute.policy import SELECTIVE_MODULES, BlockRunner, Recomputed, apply_recompute, spans
+
+__all__ = ["ActivationAccountant", "ActivationReport", "block_formula", "Stash", "checkpoint", "is_recomputing",
+           "SELECTIVE_MODULES", "BlockRunner", "Recomputed", "apply_recompute", "spans"]

@@ -1,0 +1,231 @@
+"""What a forward keeps for backward: measured (the accountant) and predicted (the formula).
+
+**The accountant** counts, during one forward, every storage autograd saves for backward and
+every checkpoint input a Stash keeps, once per storage, parameters and buffers excluded, split
+into device-resident and host-resident (offloaded) bytes, per span of blocks (usually one
+block) and outside the blocks (embedding, final norm, logits, loss):
+
+    with ActivationAccountant(model) as acc:
+        loss = loss_fn(model(x), y)
+    acc.report.blocks["layer 0"].device
+
+It sees what goes through bigtrain's saved-tensor hooks and stashes; it does not see the
+transient memory of a replay in backward (one span at a time), nor allocator fragmentation.
+
+**The formula** is our block's counterpart of Korthikanti et al.'s Table 2, derived op by op for
+this model (RMSNorm, RoPE, GQA through fused SDPA, SwiGLU) and checked against the accountant
+in tests/test_recompute.py. With S = b*s tokens, Sr = S/t under sequence parallelism (else S),
+e = bytes per activation element (4 fp32, 2 bf16; no autocast), kv = n_kv_heads*head_dim,
+f = ffn_hidden, a = n_heads, per block:
+
+    each RMSNorm      input in fp32 4*Sr*h + rstd 4*Sr + normalised e*Sr*h
+    each norm output  e*S*h       (saved by the projections; all-gathered, so full S, under SP)
+    fused attention   e*S*(2h + 2kv)/t  (q, k after rotary, v, output) + lse 4*S*a/t
+    SwiGLU MLP        4*e*S*f/t   (gate, up, silu(gate), product)
+    dropout p > 0     mask_bytes*Sr*h per residual branch (bool on CUDA, e bytes on CPU); CPU
+                      attention with dropout falls back to the math kernel, which stores the
+                      s x s probabilities: q, k, v (expanded to all heads) and the output copy
+                      4*e*S*h/t, plus probabilities, mask and dropped probabilities 3*e*S*a*s/t
+
+fp32, no dropout, t = 1: S * (24h + 8 + 8kv + 4a + 16f) bytes; for Llama-2-7B shapes (kv = h,
+f = 2.69h) that is ~75 S*h bytes per block, against 2 S*h (bf16 input only) with full recompute.
+Recomputing modules removes their saved tensors and keeps their inputs instead:
+norm -> rstd and the normalised tensor go; mlp_act -> silu(gate) goes; core_attn -> only the
+lse goes with fused attention (its output is the out-projection's saved input anyway, and the
+s x s scores were never stored); mlp -> the four MLP tensors go (and under SP the MLP's input
+is kept as the 1/t slice instead of the all-gathered sequence).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from bigtrain.config import ModelConfig, RecomputeConfig, parse_bytes
+
+
+@dataclass
+class BlockBytes:
+    device: int = 0
+    host: int = 0
+
+
+@dataclass
+class ActivationReport:
+    """Bytes kept for backward per span of blocks (label -> BlockBytes), and outside the blocks."""
+    blocks: dict[str, BlockBytes] = field(default_factory=dict)
+    outside: BlockBytes = field(default_factory=BlockBytes)
+
+    @property
+    def total(self) -> BlockBytes:
+        return BlockBytes(sum(b.device for b in self.blocks.values()) + self.outside.device,
+                          sum(b.host for b in self.blocks.values()) + self.outside.host)
+
+
+class ActivationAccountant:
+    """Context manager that measures one forward's kept bytes (see the module docstring)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = getattr(model, "module", model)  # under DDP / DeepSpeed, the wrapped module
+        self.runner = getattr(self.model, "block_runner", None)
+        if self.runner is None:
+            raise ValueError("ActivationAccountant needs a model with bigtrain.recompute.apply_recompute applied")
+        self.report = ActivationReport()
+        self._seen: set = set()
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> "ActivationAccountant":
+        self.report, self._seen = ActivationReport(), set()
+        self._static = {t.untyped_storage().data_ptr() for t in (*self.model.parameters(), *self.model.buffers())}
+        self.runner.saved.accountant = self
+        self._stack.enter_context(torch.autograd.graph.saved_tensors_hooks(self._pack_outside, lambda t: t))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+        self.runner.saved.accountant = None
+
+    def add(self, label: str | None, key, nbytes: int, host: bool) -> None:
+        """Count a storage once (called by Group.store for everything a span keeps)."""
+        if key in self._seen:
+            return
+        self._seen.add(key)
+        where = self.report.outside if label is None else self.report.blocks.setdefault(label, BlockBytes())
+        if host:
+            where.host += nbytes
+        else:
+            where.device += nbytes
+
+    def _pack_outside(self, t: torch.Tensor) -> torch.Tensor:
+        key = t.untyped_storage().data_ptr()
+        if key not in self._static:
+            self.add(None, key, t.untyped_storage().nbytes(), host=False)
+        return t
+
+
+# --------------------------------------------------------------------------------------------
+# The formula
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the formula needs to know about one rank's block."""
+    model: ModelConfig
+    b: int  # micro-batch
+    s: int  # sequence length
+    tp: int = 1
+    sp: bool = False
+    elem: int = 4  # bytes per activation element
+    mask_bytes: int = 4  # bytes per dropout-mask element: 1 on CUDA (bool), elem on the CPU
+    math_attention: bool = False  # attention dropout on the CPU: SDPA's math kernel
+
+
+def saved_tensors(sh: Shape) -> dict[str, int]:
+    """Every storage one block saves for backward without recompute, name -> bytes."""
+    m, t, e = sh.model, sh.tp, sh.elem
+    S = sh.b * sh.s
+    Sr = S // t if sh.sp else S  # residual-stream tokens on this rank
+    h, kv, f, a = m.dim, m.kv_heads * m.head_dim, m.hidden, m.n_heads
+    out: dict[str, int] = {}
+    for norm in ("attention_norm", "ffn_norm"):
+        out[f"{norm}.input_fp32"] = 4 * Sr * h  # the input itself in fp32, else its fp32 copy
+        out[f"{norm}.rstd"] = 4 * Sr
+        out[f"{norm}.normalised"] = e * Sr * h
+    out["attention.input"] = e * S * h
+    if sh.math_attention:
+        for name in ("q_scaled", "k_expanded", "v_expanded", "output"):
+            out[f"attention.core.{name}"] = e * S * h // t
+        for name in ("probs", "mask", "dropped"):
+            out[f"attention.core.{name}"] = e * S * a * sh.s // t
+    else:
+        out["attention.core.q"] = e * S * h // t
+        out["attention.core.k"] = e * S * kv // t
+        out["attention.core.v"] = e * S * kv // t
+        out["attention.core.output"] = e * S * h // t
+        out["attention.core.lse"] = 4 * S * a // t
+    out["feed_forward.input"] = e * S * h
+    for name in ("gate", "up", "silu", "product"):
+        out[f"feed_forward.{name}"] = e * S * f // t
+    if m.dropout > 0:
+        out["attention.dropout_mask"] = sh.mask_bytes * Sr * h
+        out["feed_forward.dropout_mask"] = sh.mask_bytes * Sr * h
+    return out
+
+
+def _selective(sh: Shape, modules: list[str]) -> dict[str, int]:
+    m, t, e = sh.model, sh.tp, sh.elem
+    S = sh.b * sh.s
+    Sr = S // t if sh.sp else S
+    kept = saved_tensors(sh)
+    if "norm" in modules:
+        for norm in ("attention_norm", "ffn_norm"):
+            for name in ("input_fp32", "rstd", "normalised"):
+                del kept[f"{norm}.{name}"]
+            kept[f"{norm}.input"] = e * Sr * m.dim  # the stash (the same storage when fp32)
+    if "mlp_act" in modules:
+        del kept["feed_forward.silu"]
+    if "core_attn" in modules:
+        if sh.math_attention:
+            for name in ("q_scaled", "k_expanded", "v_expanded", "probs", "mask", "dropped"):
+                del kept[f"attention.core.{name}"]
+            kv = m.kv_heads * m.head_dim
+            kept["attention.core.q"] = e * S * m.dim // t
+            kept["attention.core.k"] = e * S * kv // t
+            kept["attention.core.v"] = e * S * kv // t
+        else:
+            del kept["attention.core.lse"]
+    if "mlp" in modules:
+        for name in ("gate", "up", "silu", "product"):
+            del kept[f"feed_forward.{name}"]
+        kept["feed_forward.input"] = e * Sr * m.dim  # the stash keeps the MLP's own input
+    return kept
+
+
+def _split(tensors: dict[str, int], offload: bool, min_bytes: int) -> tuple[int, int]:
+    """(device, host) bytes of a set of kept storages."""
+    if not offload:
+        return sum(tensors.values()), 0
+    host = sum(n for n in tensors.values() if n >= min_bytes)
+    return sum(tensors.values()) - host, host
+
+
+def block_formula(sh: Shape, r: RecomputeConfig) -> list[tuple[str, int, int]]:
+    """Predicted (span label, device bytes, host bytes) for every span of blocks under policy r."""
+    from bigtrain.recompute.policy import spans  # policy imports this module's users
+
+    min_bytes = parse_bytes(r.offload_min_size)
+    S = sh.b * sh.s
+    Sr = S // sh.tp if sh.sp else S
+    rows = []
+    for span in spans(r, sh.model.n_layers):
+        if span.checkpointed:
+            n = sh.elem * Sr * sh.model.dim
+            if r.partition and sh.tp > 1 and not sh.sp:
+                n = sh.elem * -(-(S * sh.model.dim) // sh.tp)  # 1/t of the flat input, padded
+            dev, host = _split({"input": n}, r.offload, min_bytes)
+        elif r.granularity == "selective":
+            dev, host = _split(_selective(sh, r.modules), r.offload, min_bytes)
+        else:
+            dev, host = _split(saved_tensors(sh), r.offload, min_bytes)
+        rows.append((span.label, dev, host))
+    return rows
+
+
+def format_report(report: ActivationReport, predicted: list[tuple[str, int, int]] | None = None) -> str:
+    """A per-span table in MiB: measured device/host and, when given, the formula's."""
+    mib = 2.0 ** 20
+    pred = {label: (d, h) for label, d, h in predicted or []}
+    head = "| span | device MiB | host MiB |" + (" formula device MiB | formula host MiB |" if pred else "")
+    lines = [head, "|---" * (5 if pred else 3) + "|"]
+    for label, b in report.blocks.items():
+        row = f"| {label} | {b.device / mib:.3f} | {b.host / mib:.3f} |"
+        if pred:
+            d, h = pred.get(label, (0, 0))
+            row += f" {d / mib:.3f} | {h / mib:.3f} |"
+        lines.append(row)
+    o = report.outside
+    lines.append(f"| outside blocks | {o.device / mib:.3f} | {o.host / mib:.3f} |" + (" | |" if pred else ""))
+    return "\n".join(lines)

@@ -1,0 +1,146 @@
+"""Turning a `recompute:` config section into what runs: `apply_recompute(model, dims, cfg, sp)`.
+
+Applied after tensor parallelism (the blocks' forwards then already contain the collectives and
+RNG forks a replay must repeat) and before weights are materialised and data parallelism wraps
+the model. Parameter names never change, so checkpoints move freely between policies.
+
+    granularity none       blocks run plainly (offload: every saved tensor goes to the host)
+    granularity full       spans of blocks run under checkpoint(); only each span's input is
+                           kept: as is, as this rank's 1/tp slice (partition), on the host
+                           (offload), or both. method uniform: every span has num_layers
+                           blocks; method block: only the first num_layers blocks, one each.
+    granularity selective  inside every block the modules named in `modules` run under
+                           checkpoint(); everything else keeps its saved tensors (offload: on
+                           the host).
+
+Which combinations make sense is checked in config.py (RecomputeConfig.validate and
+Config.validate), before any process starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from bigtrain.config import RecomputeConfig, parse_bytes
+from bigtrain.parallel.dims import ParallelDims
+from bigtrain.recompute.checkpoint import Stash, checkpoint
+from bigtrain.recompute.saved import SavedTensors
+
+# recompute.modules -> paths inside a Block
+SELECTIVE_MODULES = {
+    "norm": ("attention_norm", "ffn_norm"),
+    "mlp_act": ("feed_forward.act",),
+    "core_attn": ("attention.core_attention",),
+    "mlp": ("feed_forward",),
+}
+
+
+@dataclass(frozen=True)
+class Span:
+    start: int
+    stop: int
+    checkpointed: bool
+
+    @property
+    def label(self) -> str:
+        return f"layer {self.start}" if self.stop - self.start == 1 else f"layers {self.start}-{self.stop - 1}"
+
+
+def spans(cfg: RecomputeConfig, n_layers: int) -> list[Span]:
+    """How the blocks are grouped: one span per checkpoint (full) or per block."""
+    if cfg.granularity != "full":
+        return [Span(i, i + 1, False) for i in range(n_layers)]
+    k = cfg.num_layers
+    if cfg.method == "uniform":
+        return [Span(i, min(i + k, n_layers), True) for i in range(0, n_layers, k)]
+    return [Span(i, i + 1, i < k) for i in range(n_layers)]  # method block
+
+
+class BlockRunner:
+    """Runs model.layers span by span under the policy; installed as model.block_runner.
+
+    A plain object, not an nn.Module: it refers to the blocks without re-registering them, so
+    parameter names and state dicts stay those of the plain model.
+    """
+
+    def __init__(self, model: nn.Module, dims: ParallelDims, cfg: RecomputeConfig, sequence_parallel: bool):
+        self.layers = model.layers
+        self.spans = spans(cfg, len(model.layers))
+        self.rng = getattr(model, "rng_tracker", None)  # set by parallelize() when tp > 1
+        # Under sequence parallelism a block input already is this rank's 1/tp of the sequence:
+        # partitioning it again would store nothing less.
+        self.partition = dims if cfg.partition and dims.tp > 1 and not sequence_parallel else None
+        self.saved = SavedTensors(model, offload=cfg.offload, min_bytes=parse_bytes(cfg.offload_min_size))
+
+    def __call__(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        """x (b, s, h) -- or (b, s/tp, h) under SP -- through every block."""
+        if not torch.is_grad_enabled():  # evaluation: nothing is kept, nothing to recompute
+            for layer in self.layers:
+                x = layer(x, rope)
+            return x
+        self.saved.begin_forward(x.device)
+        for span in self.spans:
+            group = self.saved.open_group(span.label)
+            with group.hooks():
+                if span.checkpointed:
+                    x = checkpoint(self._run_span, Stash((x,), group, self.partition), rope, span, rng=self.rng)
+                else:
+                    x = self._run_blocks(x, rope, span)
+            self.saved.close_group(group)
+        return x
+
+    def _run_span(self, stash: Stash, rope: torch.Tensor, span: Span) -> torch.Tensor:
+        (x,) = stash.take()
+        return self._run_blocks(x, rope, span)
+
+    def _run_blocks(self, x, rope, span: Span):
+        for layer in self.layers[span.start:span.stop]:
+            x = layer(x, rope)
+        return x
+
+
+class Recomputed(nn.Module):
+    """`module` run under checkpoint(): its saved tensors are dropped and rebuilt in backward.
+
+    It takes over the module's parameter, buffer and child dicts (the same dict objects), so
+    parameter names do not change ("feed_forward.w1.weight" stays that), and calls the module
+    itself, hooks included: the tensor-parallel region entry and the "tp" RNG fork registered
+    by parallelize() run again in the replay, as they must.
+    """
+
+    def __init__(self, module: nn.Module, saved: SavedTensors, rng):
+        super().__init__()
+        self._parameters, self._buffers, self._modules = module._parameters, module._buffers, module._modules
+        self.__dict__["inner"] = module  # not registered: its parameters are already ours
+        self.__dict__["saved"] = saved
+        self.__dict__["rng"] = rng
+
+    def forward(self, *args):
+        return checkpoint(self._replay, Stash(args, self.saved.current), rng=self.rng)
+
+    def _replay(self, stash: Stash):
+        return self.inner(*stash.take())
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.inner.training = mode  # inner is not a registered child, so train() skips it
+        return self
+
+    def extra_repr(self) -> str:
+        return f"recomputed {type(self.inner).__name__}"
+
+
+def apply_recompute(model: nn.Module, dims: ParallelDims, cfg: RecomputeConfig,
+                    sequence_parallel: bool = False) -> nn.Module:
+    """Install the activation-memory policy `cfg` on a (tensor-parallel) Transformer, in place."""
+    runner = BlockRunner(model, dims, cfg, sequence_parallel)
+    if cfg.granularity == "selective":
+        for block in model.layers:
+            for name in cfg.modules:
+                for path in SELECTIVE_MODULES[name]:
+                    block.set_submodule(path, Recomputed(block.get_submodule(path), runner.saved, runner.rng))
+    model.block_runner = runner
+    return model

@@ -29,6 +29,9 @@ from bigtrain.parallel.dims import ParallelDims, check_model
 from bigtrain.parallel.engine import build_engine
 from bigtrain.parallel.loss import cross_entropy
 from bigtrain.parallel.parallelize import parallelize
+from bigtrain.parallel.random import RNGTracker, seed_rng
+from bigtrain.recompute import ActivationAccountant, apply_recompute
+from bigtrain.recompute.accounting import Shape, block_formula, format_report
 
 
 def resolve_vocab(cfg: Config) -> dict:
@@ -42,12 +45,14 @@ def resolve_vocab(cfg: Config) -> dict:
     return meta
 
 
-def build_parallel_model(cfg: Config, dims: ParallelDims, device: torch.device) -> torch.nn.Module:
-    """Plain model on meta -> tensor/sequence parallel layers -> weights materialised from the seed."""
+def build_parallel_model(cfg: Config, dims: ParallelDims, device: torch.device, rng: RNGTracker) -> torch.nn.Module:
+    """Plain model on meta -> tensor/sequence parallel layers -> recompute policy -> weights
+    materialised from the seed. (Data parallelism wraps the result: see build_engine.)"""
     check_model(cfg.model, dims.tp)
     model = build_model(cfg.model)  # on the meta device: no memory until init_weights
     if dims.tp > 1:
-        parallelize(model, dims, sequence_parallel=cfg.parallel.sequence_parallel)
+        parallelize(model, dims, sequence_parallel=cfg.parallel.sequence_parallel, rng=rng)
+    apply_recompute(model, dims, cfg.recompute, sequence_parallel=cfg.parallel.sequence_parallel)
     return init_weights(model, cfg.train.seed, device=device)
 
 
@@ -66,8 +71,10 @@ class Trainer:
         self.accum_steps = t.global_batch_size // per_step
         resume_from = self._find_resume()
 
-        torch.manual_seed(t.seed)  # dropout stream; weights use their own per-parameter seeds
-        self.module = build_parallel_model(cfg, self.dims, self.device)
+        # Dropout streams: the default generators (same on every rank) and the tracker's "tp"
+        # stream (distinct per TP rank); weights use their own per-parameter seeds.
+        self.rng = seed_rng(t.seed, self.dims)
+        self.module = build_parallel_model(cfg, self.dims, self.device, self.rng)
         self.engine = build_engine(self.module, self.dims, cfg, self.accum_steps, self.device)
         self.model = self.engine.model  # the data-parallel wrapper (or the module itself)
         self.autocast = _autocast(cfg, self.device)
@@ -75,6 +82,7 @@ class Trainer:
                                         seed=t.seed, rank=self.dims.dp_rank, world=self.dims.dp)
         self.val_data = TokenDataset(cfg.data.path, "val")
         self.step = 0
+        self._activations_measured = False  # log.activation_memory: measured once, in the first step
         if resume_from is not None:
             self.load(resume_from)
         self.flops_per_token = flops_per_token(cfg.model, t.seq_len)
@@ -109,15 +117,40 @@ class Trainer:
         lr = lr_at(self.step, self.cfg.optim, self.cfg.train.steps)
         self.engine.set_lr(lr)
         loss_sum = torch.zeros((), device=self.device)
+        measure = self.cfg.log.activation_memory and not self._activations_measured
+        report = None
         for i in range(self.accum_steps):
             batch = self.train_loader.next_batch().to(self.device, non_blocking=True)
             with self.engine.accumulate(last=i == self.accum_steps - 1):
-                loss = self.loss_on(batch)
+                if measure and i == 0:
+                    with ActivationAccountant(self.module) as acc:
+                        loss = self.loss_on(batch)
+                    report = self._format_activations(acc)
+                    self._activations_measured = True
+                else:
+                    loss = self.loss_on(batch)
                 self.engine.backward(loss)
             loss_sum += loss.detach()
         grad_norm = self.engine.step()
         self.step += 1
-        return {"loss": self._dp_mean(loss_sum / self.accum_steps), "lr": lr, "grad_norm": grad_norm}
+        m = {"loss": self._dp_mean(loss_sum / self.accum_steps), "lr": lr, "grad_norm": grad_norm}
+        if report is not None:
+            m["activation_report"] = report
+        return m
+
+    def _format_activations(self, acc: ActivationAccountant) -> str:
+        """The accountant's per-span table next to the formula's prediction."""
+        t, p = self.cfg.train, self.cfg.parallel
+        autocast = not isinstance(self.autocast, contextlib.nullcontext)
+        elem = 4 if not autocast else 2
+        on_cpu = self.device.type == "cpu"
+        shape = Shape(self.cfg.model, t.micro_batch_size, t.seq_len, self.dims.tp, p.sequence_parallel, elem,
+                      mask_bytes=elem if on_cpu else 1, math_attention=on_cpu and self.cfg.model.dropout > 0)
+        note = ("" if not autocast else "\n(bf16 autocast mixes fp32 and bf16 activations; the formula assumes "
+                "pure bf16, so expect it to differ)")
+        return (f"activation memory kept for backward, rank {self.dims.rank}, one micro-batch, "
+                f"recompute.granularity={self.cfg.recompute.granularity}:\n"
+                + format_report(acc.report, block_formula(shape, self.cfg.recompute)) + note)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -155,6 +188,8 @@ class Trainer:
         try:
             while self.step < t.steps:
                 m = self.train_step()
+                if "activation_report" in m:
+                    logger.print(m.pop("activation_report"))
                 logger.advance()
                 window_loss += m["loss"]
                 window_steps += 1
@@ -190,6 +225,7 @@ class Trainer:
             **self.engine.state_dict(),
             "shards": ckpt.shard_meta(self.module),
             "rng": ckpt.rng_state(),
+            "rng_tracker": self.rng.get_states(),  # the "tp" dropout stream of this TP rank
             "step": self.step,
         }
         manifest = {"config": to_dict(self.cfg), "data": self.train_loader.state_dict(),
@@ -208,13 +244,17 @@ class Trainer:
             state = ckpt.read_rank_file(path, self.dims.rank)
             model_state, rng = state["model"], state["rng"]
             self.engine.load_state_dict(state)
+            if "rng_tracker" in state:
+                self.rng.set_states(state["rng_tracker"])
         elif self.cfg.parallel.engine == "deepspeed":
             raise UserError(f"checkpoint {str(path)!r} was written at tp={manifest['tp']} dp={manifest['dp']}; "
                             f"DeepSpeed checkpoints resume only at the same layout (tp={self.dims.tp} dp={self.dims.dp} now)")
         else:
             model_state, optim_state = ckpt.reshard(path, manifest, self.module)
             self.engine.load_state_dict({"optim": optim_state})
-            # The default RNG streams advance identically on every rank: take rank 0's.
+            # The default RNG streams advance identically on every rank: take rank 0's. The
+            # per-TP-rank "tp" streams have no counterpart at another tp: they start afresh from
+            # the seed (this only matters with dropout inside split regions).
             rng = ckpt.read_rank_file(path, 0)["rng"]
         ckpt.load_model_state(self.module, model_state, str(path))
         self.engine.load(path)

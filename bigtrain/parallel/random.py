@@ -85,24 +85,39 @@ class RNGTracker:
             self._active.append((name, None))  # already in this stream: nothing to swap
             return
         saved = get_default_rng_state()
-        state = self._states[name]
-        torch.set_rng_state(state["cpu"])
-        for idx in saved["cuda"]:
-            if idx not in state["cuda"]:  # first use on this device
-                state["cuda"][idx] = torch.Generator(f"cuda:{idx}").manual_seed(state["seed"]).get_state()
-            torch.cuda.set_rng_state(state["cuda"][idx], idx)
+        if self._active:
+            # Suspending another stream: store its live state now, so that entering it again
+            # further down (tp -> other -> tp) continues it instead of replaying stale draws.
+            self._store(self._active[-1][0], saved["cuda"])
+        self._load(name, saved["cuda"])
         self._active.append((name, saved))
 
     def exit(self) -> None:
-        """Store the advanced stream and put the default generators' states back."""
+        """Store the advanced stream and put back what was live before enter()."""
         name, saved = self._active.pop()
         if saved is None:
             return
+        self._store(name, saved["cuda"])
+        if self._active:  # resume the suspended stream from its latest state
+            self._load(self._active[-1][0], saved["cuda"])
+        else:
+            set_default_rng_state(saved)
+
+    def _store(self, name: str, cuda_devices) -> None:
+        """The default generators' live state becomes stream `name`'s state."""
         state = self._states[name]
         state["cpu"] = torch.get_rng_state()
-        for idx in saved["cuda"]:  # only devices swapped in by enter()
+        for idx in cuda_devices:  # only devices swapped in by _load()
             state["cuda"][idx] = torch.cuda.get_rng_state(idx)
-        set_default_rng_state(saved)
+
+    def _load(self, name: str, cuda_devices) -> None:
+        """Stream `name`'s state goes into the default generators (CPU and the devices in use)."""
+        state = self._states[name]
+        torch.set_rng_state(state["cpu"])
+        for idx in cuda_devices:
+            if idx not in state["cuda"]:  # first use on this device
+                state["cuda"][idx] = torch.Generator(f"cuda:{idx}").manual_seed(state["seed"]).get_state()
+            torch.cuda.set_rng_state(state["cuda"][idx], idx)
 
     def get_states(self) -> dict:
         """A copy of every named stream's state (call outside any fork)."""

@@ -1,0 +1,305 @@
+"""Activation recompute: every mode and combination against the no-recompute run.
+
+Equivalence is bitwise (torch.equal), in fp32 with dropout 0.1: a replay runs the same kernels
+on the same inputs with the same RNG states, and autograd's graph is the original one, so
+there is no reordering to tolerate. Each layout (tp=1; tp=2; tp=2 with sequence parallelism)
+compares its modes with its own no-recompute run. Also checked: the caller's input is
+unchanged; RNG streams continue as if nothing had been recomputed; FlopCounterMode sees the
+recompute; the accountant's bytes equal the formula's exactly; side effects run once.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from bigtrain.config import ConfigError, ModelConfig, RecomputeConfig, load_config
+from bigtrain.model import build_model, init_weights
+from bigtrain.parallel.dims import ParallelDims
+from bigtrain.parallel.loss import cross_entropy
+from bigtrain.parallel.parallelize import parallelize
+from bigtrain.parallel.random import seed_rng
+from bigtrain.recompute import ActivationAccountant, Stash, apply_recompute, block_formula, is_recomputing
+from bigtrain.recompute.accounting import Shape
+from tests.multiproc import run_ranks
+
+B, S = 2, 32
+
+
+def model_cfg(dropout=0.1) -> ModelConfig:
+    return ModelConfig(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, ffn_hidden=128, vocab_size=100,
+                       max_seq_len=64, dropout=dropout)
+
+
+def rc(**kw) -> RecomputeConfig:
+    r = RecomputeConfig(**{"offload_min_size": "0", **kw})
+    r.validate()
+    return r
+
+
+FULL = rc(granularity="full")
+MODES_TP1 = {
+    "full": FULL,
+    "full_uniform2": rc(granularity="full", num_layers=2),
+    "full_block2": rc(granularity="full", method="block", num_layers=2),
+    "selective_norm": rc(granularity="selective", modules=["norm"]),
+    "selective_mlp_act": rc(granularity="selective", modules=["mlp_act"]),
+    "selective_core_attn": rc(granularity="selective", modules=["core_attn"]),
+    "selective_mlp": rc(granularity="selective", modules=["mlp"]),
+    "selective_all": rc(granularity="selective", modules=["norm", "core_attn", "mlp"]),
+    "offload": rc(offload=True),
+    "full_offload": rc(granularity="full", offload=True),
+    "selective_offload": rc(granularity="selective", modules=["norm", "mlp_act"], offload=True),
+    "offload_min_size": rc(offload=True, offload_min_size="4KiB"),  # small tensors stay
+}
+MODES_TP2 = {
+    **{k: MODES_TP1[k] for k in ("full", "full_uniform2", "selective_all", "selective_mlp", "full_offload",
+                                 "selective_offload")},
+    "full_partition": rc(granularity="full", partition=True),
+    "full_partition_offload": rc(granularity="full", partition=True, offload=True),
+    "block_partition": rc(granularity="full", method="block", num_layers=2, partition=True),
+}
+
+
+def run_model(dims: ParallelDims, r: RecomputeConfig, sp: bool = False, dropout: float = 0.1, account: bool = False):
+    """One forward/backward of a fresh model under policy r; what must match across policies."""
+    cfg = model_cfg(dropout)
+    rng = seed_rng(7, dims)  # default generators and the "tp" stream, identical for every policy
+    model = build_model(cfg)
+    if dims.tp > 1:
+        parallelize(model, dims, sequence_parallel=sp, rng=rng)
+    apply_recompute(model, dims, r, sequence_parallel=sp)
+    init_weights(model, seed=0)
+    tokens = torch.randint(0, cfg.vocab_size, (B, S + 1), generator=torch.Generator().manual_seed(3))
+    report = None
+    if account:
+        with ActivationAccountant(model) as acc:
+            logits = model(tokens[:, :-1])
+        report = acc.report
+    else:
+        logits = model(tokens[:, :-1])
+    loss = cross_entropy(logits, tokens[:, 1:], dims.tp_group, cfg.vocab_size)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    # The streams continue exactly as without recompute.
+    after = {"default": torch.rand(4), "tp": model.rng_tracker.get_states() if dims.tp > 1 else None}
+
+    # The block stack on its own: the caller's input is not modified, its gradient matches.
+    x = torch.randn(B, S // dims.tp if sp else S, cfg.dim, generator=torch.Generator().manual_seed(5),
+                    requires_grad=True)
+    before = x.detach().clone()
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(6))
+    (model.block_runner(x, model.rope[:S]) * g).sum().backward()
+    assert torch.equal(x.detach(), before), "the checkpoint modified its caller's input"
+    return {"loss": loss.detach(), "grads": grads, "after": after, "x_grad": x.grad, "report": report}
+
+
+def assert_same(got: dict, ref: dict, mode: str) -> None:
+    assert torch.equal(got["loss"], ref["loss"]), (mode, got["loss"], ref["loss"])
+    assert got["grads"].keys() == ref["grads"].keys()
+    for name in ref["grads"]:
+        assert torch.equal(got["grads"][name], ref["grads"][name]), (mode, name)
+    assert torch.equal(got["x_grad"], ref["x_grad"]), mode
+    assert torch.equal(got["after"]["default"], ref["after"]["default"]), (mode, "default RNG stream")
+    if ref["after"]["tp"] is not None:
+        assert torch.equal(got["after"]["tp"]["tp"]["cpu"], ref["after"]["tp"]["tp"]["cpu"]), (mode, "tp RNG stream")
+
+
+@pytest.mark.parametrize("mode", list(MODES_TP1))
+def test_tp1_mode_is_bitwise_equal_to_no_recompute(mode):
+    ref = run_model(ParallelDims.single(), rc())
+    assert_same(run_model(ParallelDims.single(), MODES_TP1[mode]), ref, mode)
+
+
+def _tp2_all_modes(rank, world, sp):
+    dims = ParallelDims.build(world, rank, tp=2, sequence_parallel=sp)
+    ref = run_model(dims, rc(), sp=sp)
+    modes = MODES_TP2
+    if sp:
+        modes = {k: v for k, v in modes.items() if k != "block_partition"} | {
+            "selective_norm_mlp_act": rc(granularity="selective", modules=["norm", "mlp_act"])}
+    for mode, r in modes.items():
+        assert_same(run_model(dims, r, sp=sp), ref, mode)
+    # The dropout inside split regions really differs between the TP ranks (else this test
+    # could not tell a replay with the wrong stream from one with the right one).
+    return ref["grads"]["layers.0.attention.wq.weight"].sum().item()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sp", [False, True], ids=["tp2", "tp2_sp"])
+def test_tp2_modes_are_bitwise_equal_to_no_recompute(sp):
+    run_ranks(_tp2_all_modes, 2, sp, timeout=240)
+
+
+def _partition_round_trip(rank, world):
+    dims = ParallelDims.build(world, rank, tp=world)
+    x = torch.arange(15.0).view(1, 3, 5).requires_grad_(True)  # 15 elements: tp does not divide them
+    stash = Stash((x,), None, dims)
+    assert stash.take()[0] is x  # the forward gets the caller's own tensor
+    assert stash._kept[0].numel() == -(-15 // world)  # this rank keeps ceil(n / tp), zero-padded
+    (y,) = stash.take()  # the replay: all-gathered, fresh, same requires_grad
+    assert torch.equal(y, x.detach()) and y.requires_grad and y is not x
+    assert torch.equal(x.detach(), torch.arange(15.0).view(1, 3, 5))
+    return True
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_partition_pads_uneven_tensors(world):
+    assert all(run_ranks(_partition_round_trip, world))
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs: the recompute really happens, and only where asked
+
+
+def _flops(r: RecomputeConfig) -> int:
+    model = init_weights(apply_recompute(build_model(model_cfg(0.0)), ParallelDims.single(), r), seed=0)
+    tokens = torch.randint(0, 100, (B, S + 1), generator=torch.Generator().manual_seed(3))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:  # the CPU flash kernel has no FLOP formula
+        F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten()).backward()
+    return fc.get_total_flops()
+
+
+def _forward_flops(fn, *args) -> int:
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        fn(*args)
+    return fc.get_total_flops()
+
+
+def test_flop_counter_sees_exactly_the_recompute():
+    cfg = model_cfg(0.0)
+    plain = init_weights(build_model(cfg), seed=0)
+    block = plain.layers[0]
+    h = torch.randn(B, S, cfg.dim)
+    rope = plain.rope[:S]
+    q = torch.randn(B, S, cfg.n_heads, cfg.head_dim)
+    kv = torch.randn(B, S, cfg.kv_heads, cfg.head_dim)
+    block_fwd = _forward_flops(block, h, rope)
+    mlp_fwd = _forward_flops(block.feed_forward, h)
+    core_fwd = _forward_flops(block.attention.core_attention, q, kv, kv)
+    down_fwd = _forward_flops(block.feed_forward.w2, torch.randn(B, S, cfg.hidden))
+    L = cfg.n_layers
+    none = _flops(rc())
+    # Full: one more forward of every block, except each span's last down-projection, which
+    # torch's early stop skips (nothing kept for backward depends on its output).
+    assert _flops(FULL) - none == L * (block_fwd - down_fwd)
+    assert _flops(rc(granularity="full", num_layers=3)) - none == L * block_fwd - down_fwd
+    assert _flops(rc(granularity="full", method="block", num_layers=1)) - none == block_fwd - down_fwd
+    # Selective: exactly the named modules' forward, again without each one's final matmul
+    # (the MLP's down-projection; attention's probabilities @ v, whose output only the
+    # out-projection saves, outside the module). Norms and the SwiGLU product have no matmul
+    # FLOPs to count.
+    probs_at_v = 2 * B * cfg.n_heads * S * S * cfg.head_dim
+    assert core_fwd == 2 * probs_at_v  # (q k^T and probs v: the whole of the math kernel's FLOPs)
+    assert _flops(rc(granularity="selective", modules=["core_attn"])) - none == L * (core_fwd - probs_at_v)
+    assert _flops(rc(granularity="selective", modules=["mlp"])) - none == L * (mlp_fwd - down_fwd)
+    assert _flops(rc(granularity="selective", modules=["norm", "mlp_act"])) == none
+
+
+# ---------------------------------------------------------------------------------------------
+# The accountant and the formula
+
+
+def _formula(r, dims=ParallelDims.single(), sp=False, dropout=0.1):
+    sh = Shape(model_cfg(dropout), B, S, dims.tp, sp, elem=4, mask_bytes=4, math_attention=dropout > 0)
+    return {label: (d, h) for label, d, h in block_formula(sh, r)}
+
+
+def _measured(report):
+    return {label: (b.device, b.host) for label, b in report.blocks.items()}
+
+
+ALL_MODES = {"none": rc(), **MODES_TP1}
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("mode", list(ALL_MODES))
+def test_accountant_equals_formula_tp1(mode, dropout):
+    r = ALL_MODES[mode]
+    got = run_model(ParallelDims.single(), r, dropout=dropout, account=True)["report"]
+    assert _measured(got) == _formula(r, dropout=dropout)
+
+
+def test_accountant_shows_what_each_mode_keeps():
+    one = ParallelDims.single()
+    per_block = {m: _measured(run_model(one, ALL_MODES[m], dropout=0.0, account=True)["report"])
+                 for m in ("none", "full", "full_offload", "offload", "selective_norm", "selective_mlp")}
+    block_input = 4 * B * S * 64  # fp32 (b, s, h)
+    assert set(per_block["full"].values()) == {(block_input, 0)}  # only each block's input
+    assert set(per_block["full_offload"].values()) == {(0, block_input)}  # ... and that on the host
+    none = per_block["none"]["layer 0"][0]
+    assert per_block["offload"]["layer 0"] == (0, none)  # everything moved, nothing lost
+    ffn = 128
+    assert none - per_block["selective_norm"]["layer 0"][0] == 2 * (4 * B * S + 4 * B * S * 64)  # rstd + normalised, x2
+    assert none - per_block["selective_mlp"]["layer 0"][0] == 4 * 4 * B * S * ffn  # gate, up, silu, product
+
+
+def _tp2_accounting(rank, world, sp):
+    dims = ParallelDims.build(world, rank, tp=2, sequence_parallel=sp)
+    out = {}
+    for name, r in {"none": rc(), "full": FULL, "full_partition": MODES_TP2["full_partition"],
+                    "full_partition_offload": MODES_TP2["full_partition_offload"],
+                    "selective_mlp": MODES_TP2["selective_mlp"]}.items():
+        got = _measured(run_model(dims, r, sp=sp, account=True)["report"])
+        assert got == _formula(r, dims, sp), (name, got, _formula(r, dims, sp))
+        out[name] = got["layer 0"]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sp", [False, True], ids=["tp2", "tp2_sp"])
+def test_accountant_equals_formula_tp2(sp):
+    got = run_ranks(_tp2_accounting, 2, sp, timeout=240)[0]
+    block_input = 4 * B * S * 64
+    assert got["full_partition"] == (block_input // 2, 0)  # 1/tp of the input per rank
+    assert got["full_partition_offload"] == (0, block_input // 2)
+    # Under SP the input is already split: full keeps 1/tp with or without partition.
+    assert got["full"] == ((block_input // 2) if sp else block_input, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Side effects, host pool, config errors
+
+
+def test_side_effects_run_once_under_recompute():
+    model = init_weights(apply_recompute(build_model(model_cfg()), ParallelDims.single(), FULL), seed=0)
+    calls = {"all": 0, "once": 0}
+
+    def count(module, args, out):
+        calls["all"] += 1
+        calls["once"] += not is_recomputing()
+
+    for block in model.layers:
+        block.attention_norm.register_forward_hook(count)
+    tokens = torch.randint(0, 100, (B, S))
+    model(tokens).sum().backward()
+    assert calls == {"all": 2 * 3, "once": 3}  # replayed, but counted once per block
+
+
+def test_host_pool_is_reused_across_steps():
+    model = init_weights(apply_recompute(build_model(model_cfg()), ParallelDims.single(), MODES_TP1["offload"]), seed=0)
+    tokens = torch.randint(0, 100, (B, S))
+    capacity = []
+    for _ in range(3):
+        model(tokens).sum().backward()
+        capacity.append((len(model.block_runner.saved.pool.chunks), model.block_runner.saved.pool.capacity))
+    assert capacity[0] == capacity[1] == capacity[2]  # allocated in the first step only
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["recompute.partition=true"], "needs recompute.granularity=full"),
+    (["recompute.partition=true", "recompute.granularity=full"], "needs parallel.tp > 1"),
+    (["recompute.granularity=auto"], "not available in this version"),
+    (["recompute.memory_budget=70GiB", "recompute.granularity=full"], "only used by recompute.granularity=auto"),
+    (["recompute.granularity=selective", "recompute.modules=[]"], "needs recompute.modules"),
+    (["recompute.granularity=selective", "recompute.modules=mlp,mlp_act"], "mlp already recomputes"),
+    (["recompute.granularity=selective", "recompute.modules=attn"], "allowed: norm, mlp_act, core_attn, mlp"),
+    (["recompute.granularity=full", "recompute.num_layers=5", "model.n_layers=4"], "exceeds model.n_layers(4)"),
+    (["recompute.offload_min_size=lots"], "is not a size"),
+])
+def test_impossible_combinations_are_rejected(overrides, message):
+    with pytest.raises(ConfigError, match=".*".join(map(__import__("re").escape, [message]))):
+        load_config("configs/debug.yaml", overrides)

@@ -303,3 +303,48 @@ def test_host_pool_is_reused_across_steps():
 def test_impossible_combinations_are_rejected(overrides, message):
     with pytest.raises(ConfigError, match=".*".join(map(__import__("re").escape, [message]))):
         load_config("configs/debug.yaml", overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+# Through the trainer: data-parallel engines, the activation report
+
+
+ENGINES = {  # layout -> (ranks, overrides, recompute overrides)
+    "ddp_dp2_full_offload": (2, ["parallel.dp=2"], ["recompute.granularity=full", "recompute.offload=true"]),
+    "ddp_tp2_dp2_sp_selective": (4, ["parallel.tp=2", "parallel.dp=2", "parallel.sequence_parallel=true"],
+                                 ["recompute.granularity=selective", "recompute.modules=norm,mlp"]),
+    "ddp_tp2_dp2_partition": (4, ["parallel.tp=2", "parallel.dp=2"],
+                              ["recompute.granularity=full", "recompute.partition=true"]),
+    "deepspeed_zero1_dp2_full": (2, ["parallel.dp=2", "parallel.engine=deepspeed", "parallel.zero_stage=1"],
+                                 ["recompute.granularity=full"]),
+    "deepspeed_zero2_dp2_selective_offload": (2, ["parallel.dp=2", "parallel.engine=deepspeed", "parallel.zero_stage=2"],
+                                              ["recompute.granularity=selective", "recompute.offload=true"]),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", list(ENGINES))
+def test_recompute_under_data_parallel_engines(layout, tiny_data, tmp_path):
+    """3 optimizer steps with dropout: recompute gives the same losses, bitwise, under DDP
+    (gradient sync only on the last micro-batch) and under the DeepSpeed engine."""
+    from tests.test_distributed_train import base, train
+
+    world, extra, recompute = ENGINES[layout]
+    common = [*extra, "model.dropout=0.1", "recompute.offload_min_size=0"]
+    ref = run_ranks(train, world, base(tiny_data, tmp_path / "ref", *common), timeout=240)
+    got = run_ranks(train, world, base(tiny_data, tmp_path / "rc", *common, *recompute), timeout=240)
+    assert got == ref
+
+
+@pytest.mark.slow
+def test_train_prints_activation_report(tiny_data, tmp_path):
+    from tests.conftest import TINY, run_cli
+
+    r = run_cli("train", "--config", "configs/debug.yaml", *TINY, f"data.path={tiny_data}",
+                f"train.out_dir={tmp_path / 'run'}", "train.steps=2", "log.activation_memory=true",
+                "recompute.granularity=full", check=True)
+    lines = [line for line in r.stderr.splitlines() if line.startswith("| layer ")]
+    assert len(lines) == 2  # TINY has 2 layers
+    for line in lines:  # measured == formula, device and host
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[1] == cells[3] and cells[2] == cells[4], line

@@ -220,8 +220,10 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------
     def save(self) -> Path:
+        with self.engine.full_parameters():
+            model = {n: p.detach().cpu().clone() for n, p in self.module.named_parameters()}
         state = {
-            "model": {n: p.detach().cpu() for n, p in self.module.named_parameters()},
+            "model": model,
             **self.engine.state_dict(),
             "shards": ckpt.shard_meta(self.module),
             "rng": ckpt.rng_state(),
@@ -256,7 +258,8 @@ class Trainer:
             # per-TP-rank "tp" streams have no counterpart at another tp: they start afresh from
             # the seed (this only matters with dropout inside split regions).
             rng = ckpt.read_rank_file(path, 0)["rng"]
-        ckpt.load_model_state(self.module, model_state, str(path))
+        if not (same_layout and self.engine.loads_module_weights):
+            ckpt.load_model_state(self.module, model_state, str(path))
         self.engine.load(path)
         ckpt.set_rng_state(rng)
         self.train_loader.load_state_dict(manifest["data"])

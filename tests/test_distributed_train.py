@@ -107,26 +107,41 @@ DEEPSPEED = {
     "zero1_dp2": (2, ["parallel.dp=2", "parallel.engine=deepspeed", "parallel.zero_stage=1"]),
     "zero2_dp2": (2, ["parallel.dp=2", "parallel.engine=deepspeed", "parallel.zero_stage=2"]),
     "zero1_tp2_dp2": (4, ["parallel.tp=2", "parallel.dp=2", "parallel.engine=deepspeed", "parallel.zero_stage=1"]),
+    "zero3_dp2": (2, ["parallel.dp=2", "parallel.engine=deepspeed", "parallel.zero_stage=3"]),
+    "zero2_offload_dp2": (2, ["parallel.dp=2", "parallel.engine=deepspeed", "parallel.zero_stage=2",
+                              "parallel.offload_optimizer=true"]),
 }
+
+
+def train_zero3_partitioned(rank, world, overrides):
+    """train() with ZeRO-3 partitioning even the tiny test model's parameters (DeepSpeed keeps
+    parameters under 100k elements whole by default, which would test nothing)."""
+    from bigtrain.parallel.engine import DeepSpeedEngine
+
+    DeepSpeedEngine.ZERO3_EXTRA = {"stage3_param_persistence_threshold": 0}
+    return train(rank, world, overrides)
 
 
 @pytest.mark.parametrize("layout", list(DEEPSPEED))
 def test_deepspeed_matches_single_process(layout, tiny_data, tmp_path, reference):
     world, extra = DEEPSPEED[layout]
     out = tmp_path / "run"
-    losses = run_ranks(train, world, base(tiny_data, out, *extra), timeout=240)
+    fn = train_zero3_partitioned if "zero3" in layout else train
+    losses = run_ranks(fn, world, base(tiny_data, out, *extra), timeout=240)
     assert_matches(reference, losses[0], final_params(out))
 
 
-def test_deepspeed_save_and_resume(tiny_data, tmp_path):
-    """A ZeRO-2 run saved at step 3 and resumed (same layout) continues exactly like the uninterrupted run."""
-    world, extra = DEEPSPEED["zero2_dp2"]
+@pytest.mark.parametrize("layout", ["zero2_dp2", "zero3_dp2"])
+def test_deepspeed_save_and_resume(layout, tiny_data, tmp_path):
+    """A ZeRO-2/3 run saved at step 3 and resumed (same layout) continues exactly like the uninterrupted run."""
+    world, extra = DEEPSPEED[layout]
+    fn = train_zero3_partitioned if "zero3" in layout else train
     five = ["train.steps=5", "train.save_every=3"]
-    full = run_ranks(train, world, base(tiny_data, tmp_path / "full", *extra, *five), timeout=240)[0]
+    full = run_ranks(fn, world, base(tiny_data, tmp_path / "full", *extra, *five), timeout=240)[0]
     step3 = ckpt.checkpoint_root(tmp_path / "full") / "step_00000003"
     assert (step3 / "deepspeed").is_dir()
-    resumed = run_ranks(train, world, base(tiny_data, tmp_path / "resumed", *extra, *five,
-                                           f"train.resume={step3}"), timeout=240)[0]
+    resumed = run_ranks(fn, world, base(tiny_data, tmp_path / "resumed", *extra, *five,
+                                        f"train.resume={step3}"), timeout=240)[0]
     assert resumed == full[3:]  # same layout, same engine: bitwise
 
 

@@ -8,6 +8,9 @@ Both engines expose the same small surface so the trainer does not care which on
     engine.backward(loss)        backward of loss / accumulation steps
     engine.step() -> norm        sequence-parallel grad sync, clipping, optimizer step, zero grads
     engine.save(dir) / load(dir) engine-specific state inside a checkpoint directory
+    engine.full_parameters()     context in which module parameters hold their full values
+                                 (ZeRO-3 partitions them between steps)
+    engine.loads_module_weights  True when load(dir) restores the module's weights itself
 
 `TorchEngine` is torch DDP over the data-parallel group (or no wrapper when dp == 1) with a
 torch AdamW; `DeepSpeedEngine` hands the module to `deepspeed.initialize` with ZeRO stage 1-3.
@@ -71,6 +74,11 @@ class TorchEngine:
     def load_state_dict(self, state: dict) -> None:
         ckpt.load_optimizer_state_by_name(self.optimizer, self.module, state["optim"])
 
+    loads_module_weights = False
+
+    def full_parameters(self):
+        return contextlib.nullcontext()
+
     def save(self, directory: Path) -> None:
         """Nothing beyond the rank file: model and optimizer shards travel in state_dict()."""
 
@@ -119,6 +127,10 @@ def _self_group(dims: ParallelDims):
 
 class DeepSpeedEngine:
     TAG = "deepspeed"
+    ZERO3_EXTRA: dict = {}
+    """Extra ZeRO-3 settings merged into zero_optimization (e.g. {"stage3_param_persistence_threshold": 0},
+    which the tests use so that even tiny parameters are partitioned)."""
+    loads_module_weights = True  # DeepSpeed's load_checkpoint restores the module itself
 
     def __init__(self, module: nn.Module, dims: ParallelDims, cfg: Config, accum_steps: int, device: torch.device):
         try:
@@ -135,7 +147,8 @@ class DeepSpeedEngine:
         if dims.sequence_parallel:
             _reduce_sequence_parallel_grads_in_backward(module, dims)
         bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda")
-        zero = {"stage": cfg.parallel.zero_stage}
+        zero = {"stage": cfg.parallel.zero_stage, **(self.ZERO3_EXTRA if cfg.parallel.zero_stage == 3 else {})}
+        self._deepspeed = deepspeed
         if cfg.parallel.offload_optimizer:
             zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
         ds_config = {
@@ -175,6 +188,13 @@ class DeepSpeedEngine:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+    def full_parameters(self):
+        """ZeRO-3 keeps 1/dp of each parameter between steps: gather them (read-only) for the
+        rank file, so a checkpoint holds full tensors whatever the stage. Collective."""
+        if self.cfg.parallel.zero_stage != 3:
+            return contextlib.nullcontext()
+        return self._deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
 
     def save(self, directory: Path) -> None:
         # Collective; DeepSpeed writes its partitioned optimizer states per rank under directory/TAG.

@@ -44,7 +44,9 @@ class TorchEngine:
 
             # Each DP group all-reduces only its own parameter shards; TP peers hold different
             # shards and never share a DDP group (see ParallelDims' rank layout).
-            self.model = DDP(module, process_group=dims.dp_group,
+            # gradient_as_bucket_view: gradients live inside DDP's all-reduce buckets instead of
+            # beside a second, bucket-sized copy (saves 4 bytes per parameter).
+            self.model = DDP(module, process_group=dims.dp_group, gradient_as_bucket_view=True,
                              device_ids=[device.index] if device.type == "cuda" else None)
         self.optimizer = build_optimizer(module, cfg.optim)
 

@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from bigtrain.config import ModelConfig, RecomputeConfig, parse_bytes
+from bigtrain.recompute.saved import storage_key
 
 
 @dataclass
@@ -79,7 +80,7 @@ class ActivationAccountant:
 
     def __enter__(self) -> "ActivationAccountant":
         self.report, self._seen = ActivationReport(), set()
-        self._static = {t.untyped_storage().data_ptr() for t in (*self.model.parameters(), *self.model.buffers())}
+        self._static = {storage_key(t) for t in (*self.model.parameters(), *self.model.buffers())}
         self.runner.saved.accountant = self
         self._stack.enter_context(torch.autograd.graph.saved_tensors_hooks(self._pack_outside, lambda t: t))
         return self
@@ -100,7 +101,7 @@ class ActivationAccountant:
             where.device += nbytes
 
     def _pack_outside(self, t: torch.Tensor) -> torch.Tensor:
-        key = t.untyped_storage().data_ptr()
+        key = storage_key(t)
         if key not in self._static:
             self.add(None, key, t.untyped_storage().nbytes(), host=False)
         return t
@@ -156,6 +157,7 @@ def saved_tensors(sh: Shape) -> dict[str, int]:
 
 
 def _selective(sh: Shape, modules: list[str]) -> dict[str, int]:
+    """What one block keeps when `modules` are recomputed (none: everything)."""
     m, t, e = sh.model, sh.tp, sh.elem
     S = sh.b * sh.s
     Sr = S // t if sh.sp else S
@@ -192,26 +194,28 @@ def _split(tensors: dict[str, int], offload: bool, min_bytes: int) -> tuple[int,
     return sum(tensors.values()) - host, host
 
 
-def block_formula(sh: Shape, r: RecomputeConfig) -> list[tuple[str, int, int]]:
-    """Predicted (span label, device bytes, host bytes) for every span of blocks under policy r."""
+def span_bytes(sh: Shape, span, min_bytes: int) -> tuple[int, int]:
+    """Predicted (device, host) bytes one span keeps (see policy.Span)."""
+    S = sh.b * sh.s
+    Sr = S // sh.tp if sh.sp else S
+    if span.checkpointed:
+        n = sh.elem * Sr * sh.model.dim
+        if span.partition and sh.tp > 1 and not sh.sp:
+            n = sh.elem * -(-(S * sh.model.dim) // sh.tp)  # 1/t of the flat input, padded
+        return _split({"input": n}, span.offload, min_bytes)
+    dev, host = _split(_selective(sh, list(span.modules)), span.offload, min_bytes)
+    n = span.stop - span.start
+    return dev * n, host * n
+
+
+def block_formula(sh: Shape, r: RecomputeConfig, plan=None) -> list[tuple[str, int, int]]:
+    """Predicted (span label, device bytes, host bytes) for every span of the policy: r's spans,
+    or `plan` (explicit spans, e.g. chosen by granularity auto)."""
     from bigtrain.recompute.policy import spans  # policy imports this module's users
 
     min_bytes = parse_bytes(r.offload_min_size)
-    S = sh.b * sh.s
-    Sr = S // sh.tp if sh.sp else S
-    rows = []
-    for span in spans(r, sh.model.n_layers):
-        if span.checkpointed:
-            n = sh.elem * Sr * sh.model.dim
-            if r.partition and sh.tp > 1 and not sh.sp:
-                n = sh.elem * -(-(S * sh.model.dim) // sh.tp)  # 1/t of the flat input, padded
-            dev, host = _split({"input": n}, r.offload, min_bytes)
-        elif r.granularity == "selective":
-            dev, host = _split(_selective(sh, r.modules), r.offload, min_bytes)
-        else:
-            dev, host = _split(saved_tensors(sh), r.offload, min_bytes)
-        rows.append((span.label, dev, host))
-    return rows
+    plan = plan if plan is not None else spans(r, sh.model.n_layers)
+    return [(span.label, *span_bytes(sh, span, min_bytes)) for span in plan]
 
 
 def format_report(report: ActivationReport, predicted: list[tuple[str, int, int]] | None = None) -> str:

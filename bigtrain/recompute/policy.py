@@ -12,6 +12,7 @@ the model. Parameter names never change, so checkpoints move freely between poli
     granularity selective  inside every block the modules named in `modules` run under
                            checkpoint(); everything else keeps its saved tensors (offload: on
                            the host).
+    granularity auto       a policy per block, chosen by bigtrain.plan from memory_budget.
 
 Which combinations make sense is checked in config.py (RecomputeConfig.validate and
 Config.validate), before any process starts.
@@ -40,23 +41,38 @@ SELECTIVE_MODULES = {
 
 @dataclass(frozen=True)
 class Span:
+    """Consecutive blocks [start, stop) and what they keep for backward."""
     start: int
     stop: int
-    checkpointed: bool
+    checkpointed: bool = False  # full recompute: only the span's input is kept
+    modules: tuple[str, ...] = ()  # selective recompute inside each block of the span
+    offload: bool = False  # what is kept goes to the host pool
+    partition: bool = False  # the kept input is this rank's 1/tp slice
 
     @property
     def label(self) -> str:
         return f"layer {self.start}" if self.stop - self.start == 1 else f"layers {self.start}-{self.stop - 1}"
 
+    @property
+    def policy(self) -> str:
+        """A short name, e.g. full+partition+offload or selective(norm,mlp_act)."""
+        name = "full" if self.checkpointed else f"selective({','.join(self.modules)})" if self.modules else "none"
+        return name + ("+partition" if self.partition else "") + ("+offload" if self.offload else "")
+
 
 def spans(cfg: RecomputeConfig, n_layers: int) -> list[Span]:
-    """How the blocks are grouped: one span per checkpoint (full) or per block."""
-    if cfg.granularity != "full":
-        return [Span(i, i + 1, False) for i in range(n_layers)]
-    k = cfg.num_layers
-    if cfg.method == "uniform":
-        return [Span(i, min(i + k, n_layers), True) for i in range(0, n_layers, k)]
-    return [Span(i, i + 1, i < k) for i in range(n_layers)]  # method block
+    """The spans a (non-auto) recompute config describes; auto's come from bigtrain.plan."""
+    if cfg.granularity == "auto":
+        raise ValueError("recompute.granularity=auto: the spans come from bigtrain.plan.choose_policy")
+    off, part = cfg.offload, cfg.partition
+    if cfg.granularity == "full":
+        k = cfg.num_layers
+        if cfg.method == "uniform":
+            return [Span(i, min(i + k, n_layers), True, offload=off, partition=part) for i in range(0, n_layers, k)]
+        # method block: the first k blocks are checkpointed, the others keep everything
+        return [Span(i, i + 1, i < k, offload=off, partition=part and i < k) for i in range(n_layers)]
+    modules = tuple(cfg.modules) if cfg.granularity == "selective" else ()
+    return [Span(i, i + 1, modules=modules, offload=off) for i in range(n_layers)]
 
 
 class BlockRunner:
@@ -66,14 +82,21 @@ class BlockRunner:
     parameter names and state dicts stay those of the plain model.
     """
 
-    def __init__(self, model: nn.Module, dims: ParallelDims, cfg: RecomputeConfig, sequence_parallel: bool):
+    def __init__(self, model: nn.Module, dims: ParallelDims, plan: list[Span], min_bytes: int,
+                 sequence_parallel: bool):
         self.layers = model.layers
-        self.spans = spans(cfg, len(model.layers))
+        self.spans = plan
+        self.dims = dims
+        self.sequence_parallel = sequence_parallel
         self.rng = getattr(model, "rng_tracker", None)  # set by parallelize() when tp > 1
+        self.saved = SavedTensors(model, min_bytes=min_bytes)
+
+    def partition_for(self, span: Span) -> ParallelDims | None:
         # Under sequence parallelism a block input already is this rank's 1/tp of the sequence:
         # partitioning it again would store nothing less.
-        self.partition = dims if cfg.partition and dims.tp > 1 and not sequence_parallel else None
-        self.saved = SavedTensors(model, offload=cfg.offload, min_bytes=parse_bytes(cfg.offload_min_size))
+        if span.partition and self.dims.tp > 1 and not self.sequence_parallel:
+            return self.dims
+        return None
 
     def __call__(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         """x (b, s, h) -- or (b, s/tp, h) under SP -- through every block."""
@@ -83,10 +106,11 @@ class BlockRunner:
             return x
         self.saved.begin_forward(x.device)
         for span in self.spans:
-            group = self.saved.open_group(span.label)
+            group = self.saved.open_group(span.label, span.offload)
             with group.hooks():
                 if span.checkpointed:
-                    x = checkpoint(self._run_span, Stash((x,), group, self.partition), rope, span, rng=self.rng)
+                    stash = Stash((x,), group, self.partition_for(span))
+                    x = checkpoint(self._run_span, stash, rope, span, rng=self.rng)
                 else:
                     x = self._run_blocks(x, rope, span)
             self.saved.close_group(group)
@@ -134,12 +158,16 @@ class Recomputed(nn.Module):
 
 
 def apply_recompute(model: nn.Module, dims: ParallelDims, cfg: RecomputeConfig,
-                    sequence_parallel: bool = False) -> nn.Module:
-    """Install the activation-memory policy `cfg` on a (tensor-parallel) Transformer, in place."""
-    runner = BlockRunner(model, dims, cfg, sequence_parallel)
-    if cfg.granularity == "selective":
-        for block in model.layers:
-            for name in cfg.modules:
+                    sequence_parallel: bool = False, plan: list[Span] | None = None) -> nn.Module:
+    """Install the activation-memory policy on a (tensor-parallel) Transformer, in place.
+
+    `plan`: explicit spans (what granularity auto chose, see bigtrain.plan); else from `cfg`.
+    """
+    plan = plan if plan is not None else spans(cfg, len(model.layers))
+    runner = BlockRunner(model, dims, plan, parse_bytes(cfg.offload_min_size), sequence_parallel)
+    for span in plan:
+        for block in model.layers[span.start:span.stop]:
+            for name in span.modules:
                 for path in SELECTIVE_MODULES[name]:
                     block.set_submodule(path, Recomputed(block.get_submodule(path), runner.saved, runner.rng))
     model.block_runner = runner

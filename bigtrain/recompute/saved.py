@@ -101,6 +101,11 @@ class _Copier:
         tensor.record_stream(current)  # allocated on the side stream, freed after use on this one
 
 
+def storage_key(t: torch.Tensor) -> int:
+    """Identity of t's storage, shared by all its views (real and fake tensors alike)."""
+    return t.untyped_storage()._cdata
+
+
 def _bytes_view(storage: torch.UntypedStorage, device) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8, device=device).set_(storage)
 
@@ -139,21 +144,21 @@ def _load(packed):
 class Group:
     """The tensors one span of blocks keeps for backward (see the module docstring)."""
 
-    def __init__(self, saved: "SavedTensors", index: int, label: str):
-        self.saved, self.index, self.label = saved, index, label
+    def __init__(self, saved: "SavedTensors", index: int, label: str, offload: bool):
+        self.saved, self.index, self.label, self.offload = saved, index, label, offload
         self._host: dict[int, _HostStorage] = {}  # device storage ptr -> its host copy
         self._pinned_sources: list[torch.Tensor] = []  # device storages kept alive until close()
-        self.fetched = not saved.offload  # nothing to fetch without offload
+        self.fetched = not offload  # nothing to fetch without offload
         self._prefetched = self.fetched
 
     def store(self, t: torch.Tensor):
         """Keep `t` for backward; returns t itself or an _Offloaded handle (see `load`)."""
         saved = self.saved
-        key = t.untyped_storage().data_ptr()
+        key = storage_key(t)
         if key in saved.static:  # a parameter or buffer (or a view of one)
             return t
         nbytes = t.untyped_storage().nbytes()
-        if not saved.offload or nbytes < saved.min_bytes or t.device.type != saved.device.type:
+        if not self.offload or nbytes < saved.min_bytes or t.device.type != saved.device.type:
             if saved.accountant is not None:
                 saved.accountant.add(self.label, key, nbytes, host=False)
             return t
@@ -175,7 +180,7 @@ class Group:
 
     def hooks(self):
         """Saved-tensor hooks that send what autograd saves in this span through store()."""
-        if not self.saved.offload and self.saved.accountant is None:
+        if not self.offload and self.saved.accountant is None:
             return contextlib.nullcontext()
         return torch.autograd.graph.saved_tensors_hooks(self.store, _load)
 
@@ -203,10 +208,10 @@ class Group:
 
 
 class SavedTensors:
-    """The model's saved-tensor manager: offload settings, host pool, groups of this forward."""
+    """The model's saved-tensor manager: host pool and copier, groups of this forward."""
 
-    def __init__(self, model: nn.Module, offload: bool = False, min_bytes: int = 0):
-        self.model, self.offload, self.min_bytes = model, offload, min_bytes
+    def __init__(self, model: nn.Module, min_bytes: int = 0):
+        self.model, self.min_bytes = model, min_bytes
         self.accountant = None  # set by ActivationAccountant while it measures
         self.device: torch.device | None = None
         self.pool: HostPool | None = None
@@ -223,7 +228,7 @@ class SavedTensors:
             self.copier = _Copier(device)
         # Parameters and buffers can be re-materialised (init_weights, DeepSpeed): look them up
         # every forward; a set of a few hundred pointers.
-        self.static = {t.untyped_storage().data_ptr() for t in (*self.model.parameters(), *self.model.buffers())}
+        self.static = {storage_key(t) for t in (*self.model.parameters(), *self.model.buffers())}
         live = [g for g in (ref() for ref in self._groups) if g is not None]
         if all(g.fetched for g in live):
             # Every group of earlier forwards was consumed by its backward (or freed with its
@@ -234,8 +239,8 @@ class SavedTensors:
         else:  # a forward whose backward has not run yet still owns pool space: keep it
             self._groups = [weakref.ref(g) for g in live]
 
-    def open_group(self, label: str) -> Group:
-        group = Group(self, len(self._groups), label)
+    def open_group(self, label: str, offload: bool) -> Group:
+        group = Group(self, len(self._groups), label, offload)
         self._groups.append(weakref.ref(group))
         self.current = group
         return group

@@ -38,6 +38,18 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def cast_once(x: torch.Tensor) -> torch.Tensor:
+    """Under autocast, x in the autocast dtype, for several projections of the same input.
+
+    Autocast casts every linear's input itself, and each cast copy is kept for backward: three
+    copies of the attention input (wq, wk, wv), two of the MLP's (w1, w3). Casting once first
+    keeps one. Outside autocast: x unchanged."""
+    kind = x.device.type
+    if not torch.is_autocast_enabled(kind):
+        return x
+    return x.to(torch.get_autocast_dtype(kind))
+
+
 def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> torch.Tensor:
     """cos/sin of the rotary angles, (max_seq_len, head_dim // 2, 2), fp32."""
     freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
@@ -68,6 +80,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         # Sizes come from the projections, not from x: under sequence parallelism x holds s/tp
         # positions and the column-parallel projections all-gather the full sequence.
+        x = cast_once(x)
         q = self.wq(x)
         b, s = q.shape[:2]
         q = q.view(b, s, -1, self.head_dim)  # (b, s, nh, d)
@@ -106,6 +119,7 @@ class FeedForward(nn.Module):
         self.act = SwiGLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = cast_once(x)
         return self.w2(self.act(self.w1(x), self.w3(x)))  # (b, s, h)
 
 

@@ -27,8 +27,10 @@ f = ffn_hidden, a = n_heads, per block:
                       s x s probabilities: q, k, v (expanded to all heads) and the output copy
                       4*e*S*h/t, plus probabilities, mask and dropped probabilities 3*e*S*a*s/t
 
+    bf16 autocast     + the bf16 copies of the block's linear weights, 2*(2h^2 + 2h*kv + 3hf)/t
+
 fp32, no dropout, t = 1: S * (24h + 8 + 8kv + 4a + 16f) bytes; for Llama-2-7B shapes (kv = h,
-f = 2.69h) that is ~75 S*h bytes per block, against 2 S*h (bf16 input only) with full recompute.
+f = 2.69h) that is ~75 S*h bytes per block, against 4 S*h (its fp32 input) with full recompute.
 Recomputing modules removes their saved tensors and keeps their inputs instead:
 norm -> rstd and the normalised tensor go; mlp_act -> silu(gate) goes; core_attn -> only the
 lse goes with fused attention (its output is the out-projection's saved input anyway, and the
@@ -119,23 +121,34 @@ class Shape:
     s: int  # sequence length
     tp: int = 1
     sp: bool = False
-    elem: int = 4  # bytes per activation element
+    elem: int = 4  # bytes of a matmul/attention activation: 4 in fp32, 2 under bf16 autocast
     mask_bytes: int = 4  # bytes per dropout-mask element: 1 on CUDA (bool), elem on the CPU
     math_attention: bool = False  # attention dropout on the CPU: SDPA's math kernel
+    # Exact (tests/test_recompute.py) in fp32, and under bf16 autocast without dropout on the
+    # CPU; CPU dropout under autocast keeps masks in mixed dtypes the formula does not follow.
+
+    @property
+    def autocast(self) -> bool:
+        return self.elem < 4
 
 
 def saved_tensors(sh: Shape) -> dict[str, int]:
-    """Every storage one block saves for backward without recompute, name -> bytes."""
+    """Every storage one block saves for backward without recompute, name -> bytes.
+
+    Parameters are fp32, so the residual stream, the norms and the norm outputs are fp32 (4
+    bytes) even under bf16 autocast; what the matmuls and attention save is `elem` bytes, and
+    autocast adds the bf16 copy of every linear weight (saved by its matmul).
+    """
     m, t, e = sh.model, sh.tp, sh.elem
     S = sh.b * sh.s
     Sr = S // t if sh.sp else S  # residual-stream tokens on this rank
     h, kv, f, a = m.dim, m.kv_heads * m.head_dim, m.hidden, m.n_heads
     out: dict[str, int] = {}
     for norm in ("attention_norm", "ffn_norm"):
-        out[f"{norm}.input_fp32"] = 4 * Sr * h  # the input itself in fp32, else its fp32 copy
+        out[f"{norm}.input"] = 4 * Sr * h
         out[f"{norm}.rstd"] = 4 * Sr
-        out[f"{norm}.normalised"] = e * Sr * h
-    out["attention.input"] = e * S * h
+        out[f"{norm}.normalised"] = 4 * Sr * h
+    out["attention.input"] = e * S * h  # the norm output (all-gathered under SP), as the matmuls see it
     if sh.math_attention:
         for name in ("q_scaled", "k_expanded", "v_expanded", "output"):
             out[f"attention.core.{name}"] = e * S * h // t
@@ -153,6 +166,36 @@ def saved_tensors(sh: Shape) -> dict[str, int]:
     if m.dropout > 0:
         out["attention.dropout_mask"] = sh.mask_bytes * Sr * h
         out["feed_forward.dropout_mask"] = sh.mask_bytes * Sr * h
+    if sh.autocast:
+        out["attention.weights_bf16"] = 2 * (2 * h * h + 2 * h * kv) // t
+        out["feed_forward.weights_bf16"] = 2 * 3 * h * f // t
+    return out
+
+
+def outside_tensors(sh: Shape, vocab: int) -> dict[str, int]:
+    """What the forward keeps outside the blocks: embedding, final norm, output layer, loss.
+
+    `vocab` is the padded vocabulary (a multiple of tp). The logits themselves are not kept
+    (the loss keeps its fp32 softmax instead); they are a transient, see bigtrain.plan.
+    """
+    m, t, e = sh.model, sh.tp, sh.elem
+    S = sh.b * sh.s
+    Sr = S // t if sh.sp else S
+    # ids: the inputs are a view of the (b, s + 1) token batch, whose whole storage is kept
+    out = {"embedding.ids": 8 * sh.b * (sh.s + 1), "norm.input": 4 * Sr * m.dim, "norm.rstd": 4 * Sr,
+           "norm.normalised": 4 * Sr * m.dim, "output.input": e * S * m.dim}
+    if m.dropout > 0:  # on the fp32 embedding output: a 4-byte mask on the CPU, bool on CUDA
+        out["embedding.dropout_mask"] = (1 if sh.mask_bytes == 1 else 4) * Sr * m.dim
+    if sh.autocast:
+        out["output.weight_bf16"] = 2 * vocab * m.dim // t
+    if t == 1:
+        out["loss.log_softmax"] = 4 * S * vocab
+        out["loss.targets"] = 8 * S
+        out["loss.total_weight"] = 4
+    else:  # vocab-parallel cross-entropy
+        out["loss.softmax"] = 4 * S * vocab // t
+        out["loss.local_targets"] = 8 * S
+        out["loss.elsewhere"] = S
     return out
 
 
@@ -164,9 +207,7 @@ def _selective(sh: Shape, modules: list[str]) -> dict[str, int]:
     kept = saved_tensors(sh)
     if "norm" in modules:
         for norm in ("attention_norm", "ffn_norm"):
-            for name in ("input_fp32", "rstd", "normalised"):
-                del kept[f"{norm}.{name}"]
-            kept[f"{norm}.input"] = e * Sr * m.dim  # the stash (the same storage when fp32)
+            del kept[f"{norm}.rstd"], kept[f"{norm}.normalised"]  # the stash keeps the input
     if "mlp_act" in modules:
         del kept["feed_forward.silu"]
     if "core_attn" in modules:
@@ -182,7 +223,8 @@ def _selective(sh: Shape, modules: list[str]) -> dict[str, int]:
     if "mlp" in modules:
         for name in ("gate", "up", "silu", "product"):
             del kept[f"feed_forward.{name}"]
-        kept["feed_forward.input"] = e * Sr * m.dim  # the stash keeps the MLP's own input
+        kept.pop("feed_forward.weights_bf16", None)  # cast inside the replay
+        kept["feed_forward.input"] = 4 * Sr * m.dim  # the stash keeps the MLP's own (fp32) input
     return kept
 
 
@@ -199,9 +241,9 @@ def span_bytes(sh: Shape, span, min_bytes: int) -> tuple[int, int]:
     S = sh.b * sh.s
     Sr = S // sh.tp if sh.sp else S
     if span.checkpointed:
-        n = sh.elem * Sr * sh.model.dim
+        n = 4 * Sr * sh.model.dim  # the residual stream is fp32
         if span.partition and sh.tp > 1 and not sh.sp:
-            n = sh.elem * -(-(S * sh.model.dim) // sh.tp)  # 1/t of the flat input, padded
+            n = 4 * -(-(S * sh.model.dim) // sh.tp)  # 1/t of the flat input, padded
         return _split({"input": n}, span.offload, min_bytes)
     dev, host = _split(_selective(sh, list(span.modules)), span.offload, min_bytes)
     n = span.stop - span.start

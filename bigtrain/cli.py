@@ -1,4 +1,4 @@
-"""`bigtrain prepare | train | sample | config`.
+"""`bigtrain prepare | train | sample | export-hf | import-hf | config`.
 
 User errors (`UserError`) end the program with one line on stderr and exit code 2, no traceback.
 """
@@ -35,6 +35,19 @@ def _parser() -> argparse.ArgumentParser:
     sa.add_argument("--temperature", type=float, default=0.8)
     sa.add_argument("--top-k", type=int, default=50)
     sa.add_argument("--seed", type=int, default=0)
+
+    ex = sub.add_parser("export-hf", help="write a run's checkpoint as a transformers LlamaForCausalLM directory")
+    ex.add_argument("--run", required=True, help="run directory (train.out_dir), any tp/dp layout")
+    ex.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    ex.add_argument("--out", required=True, help="new directory for config.json, model.safetensors, tokenizer")
+    ex.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                    help="dtype of the saved weights (default: %(default)s)")
+
+    im = sub.add_parser("import-hf", help="turn a local transformers Llama directory into a bigtrain run directory")
+    im.add_argument("--model", required=True, help="directory with config.json and safetensors (or .bin) weights")
+    im.add_argument("--out", required=True, help="new run directory: config.yaml and a weights-only checkpoint")
+    im.add_argument("--data", default=None, help="data.path of the written config (default: the run directory; "
+                    "override it with data.path=... when training)")
 
     co = sub.add_parser("config", help="print the resolved config, or the reference of every key")
     co.add_argument("--config", default=None, help="YAML file (default: built-in defaults)")
@@ -82,6 +95,18 @@ def _run(args) -> int:
 
         print(sample(args.run, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
                      args.seed, args.step))
+        return 0
+    if args.command == "export-hf":
+        from bigtrain.hf import export_hf
+
+        print(f"wrote {export_hf(args.run, args.out, args.step, args.dtype)}")
+        return 0
+    if args.command == "import-hf":
+        from bigtrain.hf import import_hf
+
+        out = import_hf(args.model, args.out, args.data)
+        data = "" if args.data else " data.path=DIR"
+        print(f"wrote {out}; continue pretraining with: bigtrain train --config {out / 'config.yaml'}{data}")
         return 0
     if args.command == "config":
         from bigtrain.config import dump_yaml, load_config, reference

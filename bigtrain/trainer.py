@@ -22,6 +22,7 @@ from bigtrain.config import Config, dump_yaml, to_dict
 from bigtrain.data.dataset import BatchLoader, TokenDataset, load_meta
 from bigtrain.distributed import init_distributed
 from bigtrain.errors import UserError
+from bigtrain.hf import is_weights_only, load_weights
 from bigtrain.metrics import MetricsLogger, memory_stats, peak_flops
 from bigtrain.model import build_model, count_params, flops_per_token, init_weights
 from bigtrain.optim import lr_at
@@ -75,6 +76,9 @@ class Trainer:
         # stream (distinct per TP rank); weights use their own per-parameter seeds.
         self.rng = seed_rng(t.seed, self.dims)
         self.module = build_parallel_model(cfg, self.dims, self.device, self.rng)
+        if resume_from is not None and is_weights_only(resume_from):
+            self._load_weights_only(resume_from)  # before the engine: DeepSpeed copies the weights
+            resume_from = None
         self.engine = build_engine(self.module, self.dims, cfg, self.accum_steps, self.device)
         self.model = self.engine.model  # the data-parallel wrapper (or the module itself)
         self.autocast = _autocast(cfg, self.device)
@@ -267,6 +271,15 @@ class Trainer:
         if self.is_main:
             how = "" if same_layout else f" (resharded from tp={manifest['tp']} dp={manifest['dp']})"
             print(f"resumed from {path} at step {self.step}{how}", flush=True)
+
+    def _load_weights_only(self, path: Path) -> None:
+        """A weights-only checkpoint (`bigtrain import-hf`): its model weights at this layout, with
+        a fresh optimizer, data order and RNG, from step 0."""
+        manifest = ckpt.read_manifest(path)
+        _check_same_model(manifest["config"]["model"], to_dict(self.cfg)["model"], path)
+        load_weights(self.module, path)
+        if self.is_main:
+            print(f"initialised from the weights of {path} (weights only: fresh optimizer, step 0)", flush=True)
 
 
 def _check_same_model(saved: dict, current: dict, path: Path) -> None:

@@ -137,8 +137,13 @@ class RecomputeConfig:
         parse_bytes(self.offload_min_size)
         g = self.granularity
         if g == "auto":
-            raise ConfigError("recompute.granularity=auto (planning from recompute.memory_budget) is not available "
-                              "in this version; choose none, full or selective")
+            if not self.memory_budget:
+                raise ConfigError("recompute.granularity=auto needs recompute.memory_budget, the memory of one "
+                                  "GPU it must fit in, e.g. 70GiB")
+            parse_bytes(self.memory_budget)
+            if self.offload:
+                raise ConfigError("recompute.granularity=auto chooses offload per block itself; "
+                                  "leave recompute.offload=false")
         if self.memory_budget and g != "auto":
             raise ConfigError(f"recompute.memory_budget is only used by recompute.granularity=auto (it is {g})")
         if self.partition and g != "full":
@@ -271,6 +276,28 @@ class CheckpointConfig:
 
 
 @dataclass
+class HardwareConfig:
+    gpu_memory: str = "80GiB"
+    """Memory of one GPU: what `bigtrain plan` checks the layout against (--gpu-memory overrides it)."""
+    peak_tflops: float = 989.0
+    """Dense bf16 TFLOP/s of one GPU, for the planner's time estimates (H100/H200 SXM: 989; A100: 312)."""
+    mfu: float = 0.45
+    """Fraction of peak_tflops a training step reaches, for the planner's time estimates."""
+    memory_bandwidth: float = 3350.0
+    """GB/s of GPU memory, for the cost of recomputing elementwise modules (norms, SwiGLU product)."""
+    host_bandwidth: float = 25.0
+    """GB/s between one GPU and host memory in each direction, for the cost of offload."""
+    tp_bandwidth: float = 150.0
+    """GB/s of all-gather bus bandwidth inside a tensor-parallel group, for the cost of partition."""
+
+    def validate(self) -> None:
+        _positive(self, "peak_tflops", "mfu", "memory_bandwidth", "host_bandwidth", "tp_bandwidth")
+        if self.mfu > 1:
+            raise ConfigError(f"hardware.mfu={self.mfu} must be in (0, 1]")
+        parse_bytes(self.gpu_memory)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     """The Llama-style decoder."""
@@ -288,6 +315,8 @@ class Config:
     """Console, metrics.jsonl and wandb."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpoint retention."""
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    """What `bigtrain plan` and recompute.granularity=auto assume about one GPU."""
 
     def validate(self) -> "Config":
         for f in dataclasses.fields(self):

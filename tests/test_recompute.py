@@ -292,7 +292,8 @@ def test_host_pool_is_reused_across_steps():
 @pytest.mark.parametrize("overrides, message", [
     (["recompute.partition=true"], "needs recompute.granularity=full"),
     (["recompute.partition=true", "recompute.granularity=full"], "needs parallel.tp > 1"),
-    (["recompute.granularity=auto"], "not available in this version"),
+    (["recompute.granularity=auto"], "needs recompute.memory_budget"),
+    (["recompute.granularity=auto", "recompute.memory_budget=9GiB", "recompute.offload=true"], "chooses offload per block"),
     (["recompute.memory_budget=70GiB", "recompute.granularity=full"], "only used by recompute.granularity=auto"),
     (["recompute.granularity=selective", "recompute.modules=[]"], "needs recompute.modules"),
     (["recompute.granularity=selective", "recompute.modules=mlp,mlp_act"], "mlp already recomputes"),

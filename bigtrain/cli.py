@@ -1,4 +1,4 @@
-"""`bigtrain prepare | train | sample | export-hf | import-hf | config`.
+"""`bigtrain prepare | train | plan | sample | export-hf | import-hf | config`.
 
 User errors (`UserError`) end the program with one line on stderr and exit code 2, no traceback.
 """
@@ -26,6 +26,16 @@ def _parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train a model (one process, or every rank under torchrun)")
     tr.add_argument("--config", required=True, help="YAML file, e.g. configs/debug.yaml")
     tr.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. train.steps=100")
+
+    pl = sub.add_parser("plan", help="predict per-rank memory for a config and layout, and recommend a recompute policy")
+    pl.add_argument("--config", required=True, help="YAML file, e.g. configs/llama-7b.yaml")
+    pl.add_argument("--nproc", type=int, default=None,
+                    help="number of GPUs (default: parallel.tp * max(1, parallel.dp))")
+    pl.add_argument("--gpu-memory", default=None, help="memory of one GPU, e.g. 80GiB (default: hardware.gpu_memory)")
+    pl.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="what the run will train on (default: cuda)")
+    pl.add_argument("--json", action="store_true", help="print the report as JSON")
+    pl.add_argument("--plot", default=None, metavar="FILE.png", help="draw memory per policy (stacked components)")
+    pl.add_argument("overrides", nargs="*", metavar="key.sub=value")
 
     sa = sub.add_parser("sample", help="generate text from a run's checkpoint")
     sa.add_argument("--run", required=True, help="run directory (train.out_dir)")
@@ -89,6 +99,26 @@ def _run(args) -> int:
             Trainer(cfg).train()
         finally:
             teardown()
+        return 0
+    if args.command == "plan":
+        import json
+
+        from bigtrain import plan
+        from bigtrain.config import load_config, parse_bytes
+
+        cfg = load_config(args.config, args.overrides)
+        world = args.nproc or cfg.parallel.tp * max(1, cfg.parallel.dp)
+        if world < 1:
+            from bigtrain.errors import UserError
+
+            raise UserError(f"--nproc {world} must be >= 1")
+        budget = parse_bytes(args.gpu_memory or cfg.hardware.gpu_memory)
+        rep = plan.report(cfg, world, budget, args.device)
+        print(json.dumps(rep, indent=1) if args.json else plan.format_report(rep))
+        if args.plot:
+            plan.plot(rep, args.plot)
+            if not args.json:
+                print(f"wrote {args.plot}")
         return 0
     if args.command == "sample":
         from bigtrain.sample import sample

@@ -171,6 +171,7 @@ class Estimate:
     phases: dict[str, int]
     host: int
     overhead: float  # estimated extra step time from recompute/offload/partition, fraction
+    activations: int  # kept on the device by the blocks at the end of forward
 
     @property
     def peak(self) -> int:
@@ -219,14 +220,19 @@ def estimate(cfg: Config, lay: Layout, spans: list[Span], policy: str = "", n: P
         grads += grad_bytes * n.per_block * (span.stop - span.start)
     phases["backward"] = peak_bwd
     phases["optimizer step"] = st.params + st.grads + st.optimizer + st.buffers + st.step_temp
-    components = {
-        "parameters": st.params, "gradients": st.grads, "optimizer states": st.optimizer,
-        "communication buffers": st.buffers, "activations (blocks)": sum(kept_dev),
-        "activations (embedding, norm, loss)": outside,
-        "transient (logits, replay)": max(phases["forward"], phases["backward"]) - base - sum(kept_dev) - outside,
-    }
+    # What is resident at the peak, by component (they add up to the peak).
+    states = {"parameters": st.params, "gradients": st.grads, "optimizer states": st.optimizer,
+              "communication buffers": st.buffers}
+    peak_phase = max(phases, key=phases.get)
+    if peak_phase == "optimizer step":
+        components = {**states, "activations (blocks)": 0, "activations (embedding, norm, loss)": 0,
+                      "transient (logits, replay, optimizer)": st.step_temp}
+    else:
+        components = {**states, "gradients": grads_up_front, "activations (blocks)": sum(kept_dev),
+                      "activations (embedding, norm, loss)": outside}
+        components["transient (logits, replay, optimizer)"] = phases[peak_phase] - sum(components.values())
     host = st.host + sum(h for _, h in kept)
-    return Estimate(policy, spans, components, phases, host, overhead(cfg, lay, n, spans))
+    return Estimate(policy, spans, components, phases, host, overhead(cfg, lay, n, spans), sum(kept_dev))
 
 
 # --------------------------------------------------------------------------------------------
@@ -291,7 +297,10 @@ def mixed(first: str, k: int, rest: str, n_layers: int) -> list[Span]:
 
 
 def mixed_name(spans: list[Span]) -> str:
+    """e.g. "full" (every span alike) or "full+offload x6 + selective(norm,mlp_act) x26"."""
     groups = [(p, len(list(g))) for p, g in itertools.groupby(s.policy for s in spans)]
+    if len(groups) == 1:
+        return groups[0][0]
     return " + ".join(f"{p} x{k}" for p, k in groups)
 
 
@@ -398,7 +407,7 @@ def report(cfg: Config, world: int, budget: int, device: str = "cuda") -> dict:
 
 def _as_dict(e: Estimate) -> dict:
     return {"policy": e.policy, "peak_bytes": e.peak, "peak_phase": e.peak_phase, "components": e.components,
-            "phases": e.phases, "host_bytes": e.host, "overhead": e.overhead}
+            "phases": e.phases, "activation_bytes": e.activations, "host_bytes": e.host, "overhead": e.overhead}
 
 
 def format_report(rep: dict) -> str:
@@ -417,7 +426,7 @@ def format_report(rep: dict) -> str:
               "| policy | activations GiB | peak GiB | peak in | host GiB | est. extra step time | fits |",
               "|---|---|---|---|---|---|---|"]
     for a in rep["alternatives"]:
-        acts = a["components"]["activations (blocks)"]
+        acts = a["activation_bytes"]
         fits = "yes" if a["peak_bytes"] <= rep["budget_bytes"] else "no"
         lines.append(f"| {a['policy']} | {g(acts)} | {g(a['peak_bytes'])} | {a['peak_phase']} | {g(a['host_bytes'])} "
                      f"| {100 * a['overhead']:.1f}% | {fits} |")

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from bigtrain import checkpoint as ckpt
-from bigtrain.config import Config, dump_yaml, to_dict
+from bigtrain.config import Config, dump_yaml, parse_bytes, to_dict
 from bigtrain.data.dataset import BatchLoader, TokenDataset, load_meta
 from bigtrain.distributed import init_distributed
 from bigtrain.errors import UserError
@@ -46,15 +46,36 @@ def resolve_vocab(cfg: Config) -> dict:
     return meta
 
 
-def build_parallel_model(cfg: Config, dims: ParallelDims, device: torch.device, rng: RNGTracker) -> torch.nn.Module:
+def build_parallel_model(cfg: Config, dims: ParallelDims, device: torch.device, rng: RNGTracker,
+                         plan: list | None = None) -> torch.nn.Module:
     """Plain model on meta -> tensor/sequence parallel layers -> recompute policy -> weights
-    materialised from the seed. (Data parallelism wraps the result: see build_engine.)"""
+    materialised from the seed. (Data parallelism wraps the result: see build_engine.)
+    `plan`: the per-block policy recompute.granularity=auto chose (see choose_recompute)."""
     check_model(cfg.model, dims.tp)
     model = build_model(cfg.model)  # on the meta device: no memory until init_weights
     if dims.tp > 1:
         parallelize(model, dims, sequence_parallel=cfg.parallel.sequence_parallel, rng=rng)
-    apply_recompute(model, dims, cfg.recompute, sequence_parallel=cfg.parallel.sequence_parallel)
+    apply_recompute(model, dims, cfg.recompute, sequence_parallel=cfg.parallel.sequence_parallel, plan=plan)
     return init_weights(model, cfg.train.seed, device=device)
+
+
+def choose_recompute(cfg: Config, dims: ParallelDims, device: torch.device) -> tuple[list | None, str]:
+    """For recompute.granularity=auto: the per-block policy that fits recompute.memory_budget
+    with the least estimated overhead, and a table explaining it; (None, "") otherwise."""
+    if cfg.recompute.granularity != "auto":
+        return None, ""
+    from bigtrain import plan as planner
+
+    lay = planner.layout_of(cfg, dims.world_size, device.type)
+    budget = parse_bytes(cfg.recompute.memory_budget)
+    chosen = planner.choose_policy(cfg, lay, budget)
+    full = planner.estimate(cfg, lay, planner.uniform("full", cfg.model.n_layers), "full")
+    g = 2.0 ** 30
+    text = (f"recompute.granularity=auto, budget {budget / g:.2f} GiB per GPU: chose {chosen.policy}\n"
+            "| policy | est. peak GiB | peak in | est. extra step time |\n|---|---|---|---|\n"
+            f"| {chosen.policy} (chosen) | {chosen.peak / g:.2f} | {chosen.peak_phase} | {100 * chosen.overhead:.1f}% |\n"
+            f"| full, every block | {full.peak / g:.2f} | {full.peak_phase} | {100 * full.overhead:.1f}% |")
+    return chosen.spans, text
 
 
 class Trainer:
@@ -75,7 +96,8 @@ class Trainer:
         # Dropout streams: the default generators (same on every rank) and the tracker's "tp"
         # stream (distinct per TP rank); weights use their own per-parameter seeds.
         self.rng = seed_rng(t.seed, self.dims)
-        self.module = build_parallel_model(cfg, self.dims, self.device, self.rng)
+        self.recompute_plan, self.recompute_note = choose_recompute(cfg, self.dims, self.device)
+        self.module = build_parallel_model(cfg, self.dims, self.device, self.rng, self.recompute_plan)
         if resume_from is not None and is_weights_only(resume_from):
             self._load_weights_only(resume_from)  # before the engine: DeepSpeed copies the weights
             resume_from = None
@@ -154,7 +176,7 @@ class Trainer:
                 "pure bf16, so expect it to differ)")
         return (f"activation memory kept for backward, rank {self.dims.rank}, one micro-batch, "
                 f"recompute.granularity={self.cfg.recompute.granularity}:\n"
-                + format_report(acc.report, block_formula(shape, self.cfg.recompute)) + note)
+                + format_report(acc.report, block_formula(shape, self.cfg.recompute, self.recompute_plan)) + note)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -185,6 +207,8 @@ class Trainer:
             n = count_params(self.module)
             print(f"model: {n / 1e6:.2f}M parameters on this rank, layout tp={self.dims.tp} dp={self.dims.dp}, "
                   f"{self.accum_steps} micro-batch(es) per step, device {self.device}", flush=True)
+            if self.recompute_note:
+                print(self.recompute_note, flush=True)
         logger = MetricsLogger(cfg, self.out_dir, enabled=self.is_main, start_step=self.step)
         records = []
         tokens_per_step = t.global_batch_size * t.seq_len

@@ -328,6 +328,9 @@ class Config:
         if t.global_batch_size % t.micro_batch_size:
             raise ConfigError(f"train.global_batch_size({t.global_batch_size}) is not a multiple of "
                               f"train.micro_batch_size({t.micro_batch_size})")
+        if self.parallel.sequence_parallel and t.seq_len % self.parallel.tp:
+            raise ConfigError(f"train.seq_len({t.seq_len}) is not divisible by parallel.tp({self.parallel.tp}), "
+                              f"which sequence parallelism splits it over")
         r = self.recompute
         if r.granularity == "full" and r.num_layers > m.n_layers:
             raise ConfigError(f"recompute.num_layers({r.num_layers}) exceeds model.n_layers({m.n_layers})")

@@ -50,15 +50,30 @@ def init_distributed(cfg: Config) -> tuple[ParallelDims, torch.device]:
         world, rank, local_rank = env_ranks()
     check_layout(world, cfg.parallel.tp, cfg.parallel.dp)  # before any collective: fail fast, clearly
     device = select_device(cfg, local_rank)
-    if world == 1:
+    sp = cfg.parallel.sequence_parallel
+    if world == 1 and cfg.parallel.engine != "deepspeed":
         return ParallelDims.single(), device
     backend = cfg.parallel.backend
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
+        if world == 1:  # DeepSpeed wants a process group even for one process
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.setdefault("RANK", "0")
+            os.environ.setdefault("WORLD_SIZE", "1")
+            os.environ.setdefault("LOCAL_RANK", "0")
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30),
                                 device_id=device if device.type == "cuda" else None)
-    return ParallelDims.build(world, rank, cfg.parallel.tp, cfg.parallel.dp), device
+    return ParallelDims.build(world, rank, cfg.parallel.tp, cfg.parallel.dp, sequence_parallel=sp), device
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def teardown() -> None:

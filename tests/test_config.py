@@ -41,6 +41,7 @@ def test_overrides_convert_types(tmp_path):
     ("model.dropout=1.5", "model.dropout=1.5 must be in [0, 1)"),
     ("train.steps=0", "train.steps=0 must be > 0"),
     ("parallel.zero_stage=4", "choose 1, 2 or 3"),
+    ("hardware.mfu=2", "hardware.mfu=2.0 must be in (0, 1]"),
 ])
 def test_errors_name_the_problem(override, message):
     with pytest.raises(ConfigError) as e:
@@ -94,3 +95,8 @@ def test_cli_bad_key_exits_2_with_one_line():
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     assert "train.stpes" in r.stderr and "train.steps" in r.stderr
+
+
+def test_sequence_parallel_needs_a_divisible_sequence():
+    with pytest.raises(ConfigError, match=r"train.seq_len\(127\) is not divisible by parallel.tp\(2\)"):
+        load_config(None, ["parallel.tp=2", "parallel.sequence_parallel=true", "train.seq_len=127"])

@@ -107,6 +107,8 @@ DEEPSPEED = {
     "zero1_dp2": (2, ["parallel.dp=2", "parallel.engine=deepspeed", "parallel.zero_stage=1"]),
     "zero2_dp2": (2, ["parallel.dp=2", "parallel.engine=deepspeed", "parallel.zero_stage=2"]),
     "zero1_tp2_dp2": (4, ["parallel.tp=2", "parallel.dp=2", "parallel.engine=deepspeed", "parallel.zero_stage=1"]),
+    "zero1_tp2_sp": (2, ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.engine=deepspeed",
+                         "parallel.zero_stage=1"]),
     "zero3_dp2": (2, ["parallel.dp=2", "parallel.engine=deepspeed", "parallel.zero_stage=3"]),
     "zero2_offload_dp2": (2, ["parallel.dp=2", "parallel.engine=deepspeed", "parallel.zero_stage=2",
                               "parallel.offload_optimizer=true"]),

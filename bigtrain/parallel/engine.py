@@ -139,9 +139,6 @@ class DeepSpeedEngine:
             import deepspeed
         except ImportError:
             raise UserError("parallel.engine=deepspeed needs the deepspeed package: pip install deepspeed") from None
-        if not dist.is_initialized():
-            raise UserError("parallel.engine=deepspeed needs a distributed launch (torchrun); "
-                            "for one process use parallel.engine=ddp")
         self.module, self.dims, self.cfg = module, dims, cfg
         for p in module.parameters():
             if is_sharded(p):  # DeepSpeed's grad-norm counts these once per TP rank, others once

@@ -21,3 +21,7 @@ demo: data
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# Tokens/s per layout on this machine and the FLOPs check (see BENCHMARKS.md).
+bench: data
+	$(PY) bench/throughput.py --layouts single,tp2,tp2sp,dp2 --steps 30

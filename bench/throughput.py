@@ -1,11 +1,12 @@
 """Tokens/s of real `bigtrain train` runs, side by side in one invocation, plus a FLOPs check.
 
     .venv/bin/python bench/throughput.py [--config configs/debug.yaml] [--steps 30]
-        [--layouts single,tp2,dp2] [key.sub=value ...]
+        [--layouts single,tp2,dp2] [--flops-only] [key.sub=value ...]
 
 Each layout is a full training run (torchrun with gloo for more than one process) on the same
 config; tokens/s is the median of the logged steps after the first few (warm-up excluded). The
-FLOPs check compares flops_per_token() with torch's FlopCounterMode on one forward+backward.
+FLOPs check compares flops_per_token() with torch's FlopCounterMode on one forward+backward
+(--flops-only skips the training runs, e.g. for a model too big to train on a CPU).
 """
 
 from __future__ import annotations
@@ -67,6 +68,31 @@ def flops_check(config: str, overrides: list[str]) -> tuple[float, float]:
     return flops_per_token(cfg.model, s), fc.get_total_flops() / (b * s)
 
 
+def same_global_batch(config: str, overrides: list[str], nproc: int, extra: list[str]) -> list[str]:
+    """Data-parallel layouts keep the config's global batch: when micro_batch_size * dp exceeds
+    it, each rank gets global / dp sequences per micro-batch (so every layout trains the same
+    tokens per step and the final losses stay comparable)."""
+    from bigtrain.config import load_config
+
+    cfg = load_config(config, [*overrides, *extra])
+    dp = cfg.parallel.dp or nproc // cfg.parallel.tp
+    t = cfg.train
+    if dp > 1 and t.micro_batch_size * dp > t.global_batch_size and t.global_batch_size % dp == 0:
+        return [f"train.micro_batch_size={t.global_batch_size // dp}"]
+    return []
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name from /proc/cpuinfo (platform.processor() is often empty on Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/debug.yaml")
@@ -74,23 +100,31 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5, help="logged steps excluded from the median")
     p.add_argument("--layouts", default="single", help=f"comma-separated, from {', '.join(LAYOUTS)}")
     p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: cores / processes)")
+    p.add_argument("--flops-only", action="store_true", help="only the FLOPs check, no training runs")
     p.add_argument("overrides", nargs="*")
     a = p.parse_args()
+    layouts = [] if a.flops_only else a.layouts.split(",")
+    unknown = [n for n in layouts if n not in LAYOUTS]
+    if unknown:
+        p.error(f"unknown layout(s) {', '.join(unknown)}; choose from {', '.join(LAYOUTS)}")
 
     cores = os.cpu_count() or 1
-    print(f"machine: {platform.processor() or platform.machine()}, {cores} cores, torch {torch.__version__}, "
+    print(f"machine: {cpu_model()}, {cores} cores, torch {torch.__version__}, "
           f"cuda={torch.cuda.is_available()}")
     print(f"config: {a.config} {' '.join(a.overrides)}, {a.steps} steps, median after {a.warmup}\n")
-    print("| layout | processes | tokens/s (median) | ratio vs first | final loss |")
-    print("|---|---|---|---|---|")
+    if layouts:
+        print("| layout | processes | overrides | tokens/s (median) | ratio vs first | final loss |")
+        print("|---|---|---|---|---|---|")
     base = None
-    for name in a.layouts.split(","):
+    for name in layouts:
         nproc, extra = LAYOUTS[name]
+        extra = [*extra, *same_global_batch(a.config, a.overrides, nproc, extra)]
         threads = a.threads or max(1, cores // nproc)
         recs = run_layout(a.config, nproc, [*a.overrides, *extra], a.steps, threads)
         tps = statistics.median(r["tokens_per_s"] for r in recs[a.warmup:])
         base = base or tps
-        print(f"| {name} | {nproc} | {tps:,.0f} | {tps / base:.2f} | {recs[-1]['loss']:.4f} |", flush=True)
+        print(f"| {name} | {nproc} | {' '.join(extra) or '-'} | {tps:,.0f} | {tps / base:.2f} | "
+              f"{recs[-1]['loss']:.4f} |", flush=True)
     est, measured = flops_check(a.config, a.overrides)
     print(f"\nFLOPs/token: formula {est / 1e6:.2f} M, FlopCounterMode {measured / 1e6:.2f} M "
           f"(ratio {measured / est:.3f})")

@@ -11,6 +11,8 @@ checkpoints and exact resume.
 from __future__ import annotations
 
 import contextlib
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -213,6 +215,7 @@ class Trainer:
         records = []
         tokens_per_step = t.global_batch_size * t.seq_len
         window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+        stop = StopRequest()
         try:
             while self.step < t.steps:
                 m = self.train_step()
@@ -237,7 +240,13 @@ class Trainer:
                 if (t.save_every and self.step % t.save_every == 0) or self.step == t.steps:
                     self.save()
                     window_start = time.perf_counter()  # saving is not training time
+                elif stop.agreed(self.device):
+                    self.save()
+                    logger.print(f"stopping on {stop.name} after step {self.step}: checkpoint saved; "
+                                 f"train.resume=auto continues from it")
+                    break
         finally:
+            stop.close()
             logger.close()
         return records
 
@@ -304,6 +313,39 @@ class Trainer:
         load_weights(self.module, path)
         if self.is_main:
             print(f"initialised from the weights of {path} (weights only: fresh optimizer, step 0)", flush=True)
+
+
+class StopRequest:
+    """SIGTERM / SIGUSR1 (slurm's warning before the time limit, a preemption, `kill`): finish
+    the current step, save a checkpoint, stop. Every rank must stop at the same step (saving is
+    collective), so the ranks agree with one tiny all-reduce per step."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.name: str | None = None
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():  # handlers only work there
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.name = signal.Signals(signum).name
+
+    def agreed(self, device: torch.device) -> bool:
+        """True on every rank once any rank has been signalled."""
+        flag = self.name is not None
+        if dist.is_available() and dist.is_initialized():
+            t = torch.tensor([float(flag)], device=device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flag = bool(t.item())
+            if flag and self.name is None:
+                self.name = "a signal on another rank"
+        return flag
+
+    def close(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def _check_same_model(saved: dict, current: dict, path: Path) -> None:

@@ -80,6 +80,30 @@ def test_sigkill_during_training_resumes_exactly(tiny_data, tmp_path, reference_
     assert losses(out) == reference_losses  # bitwise: same floats, step for step
 
 
+def test_sigterm_saves_and_resumes_exactly(tiny_data, tmp_path, reference_losses):
+    """SIGTERM (slurm's notice, a preemption): the step finishes, a checkpoint is written at that
+    step, the process exits 0, and train.resume=auto continues with the same losses."""
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "bigtrain.cli", *_train_args(tiny_data, out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "metrics.jsonl").exists() and any(json.loads(line)["step"] >= 4 for line in
+                                                    (out / "metrics.jsonl").read_text().splitlines() if line):
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    stopped_at = ckpt.latest_checkpoint(out)
+    if stopped_at.name != "step_00000008":  # (unless the run had already finished)
+        assert "stopping on SIGTERM" in err
+        assert stopped_at.name not in ("step_00000003", "step_00000006")  # a save of its own
+    run_cli(*_train_args(tiny_data, out, "train.resume=auto"), check=True)
+    assert losses(out) == reference_losses
+
+
 KILL_IN_SAVE = """
 import os, signal, sys
 import bigtrain.checkpoint as c

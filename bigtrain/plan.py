@@ -336,16 +336,16 @@ def _nothing_fits(cfg: Config, lay: Layout, budget: int, n: Params) -> str:
     msg = (f"no activation policy fits {budget / GiB:.1f} GiB per GPU: the smallest, {smallest.policy}, needs "
            f"{smallest.peak / GiB:.1f} GiB ({(smallest.peak - budget) / GiB:.1f} GiB over, peak in the "
            f"{smallest.peak_phase})")
-    return msg + "; " + "; ".join(suggestions(cfg, lay, budget)) if suggestions(cfg, lay, budget) else msg
+    instead = suggestions(cfg, lay, budget)
+    return "; ".join([msg, *instead]) if instead else msg + "; nothing simple fits either (more GPUs?)"
 
 
 def suggestions(cfg: Config, lay: Layout, budget: int) -> list[str]:
     """What would fit instead: more tensor parallelism, a smaller micro-batch, optimizer offload."""
     out = []
-    tries = []
-    for tp in (lay.tp * 2, lay.tp * 4):
-        if lay.world % tp == 0 or True:
-            tries.append((f"parallel.tp={tp} (with {tp * lay.dp} GPUs)", {"parallel.tp": tp}, tp * lay.dp))
+    # more GPUs for the same data-parallel size
+    tries = [(f"parallel.tp={tp} (with {tp * lay.dp} GPUs)", {"parallel.tp": tp}, tp * lay.dp)
+             for tp in (lay.tp * 2, lay.tp * 4)]
     if cfg.train.micro_batch_size > 1:
         mb = cfg.train.micro_batch_size // 2
         tries.append((f"train.micro_batch_size={mb}", {"train.micro_batch_size": mb}, lay.world))

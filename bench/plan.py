@@ -1,0 +1,103 @@
+"""The planner's predictions next to what really happens, in one run:
+
+    .venv/bin/python bench/plan.py [--skip-fake]
+
+1. activation bytes kept for backward: the formula vs the saved-bytes accountant on real CPU
+   tensors (debug and 125M presets, seq 256, micro-batch 1, fp32), per recompute mode;
+2. the whole step's peak: the planner vs MemTracker over two real training steps of the 1B
+   preset under fake tensors (every op and allocation runs, no memory is used).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bigtrain import plan as P  # noqa: E402
+from bigtrain.config import load_config  # noqa: E402
+from bigtrain.model import build_model, init_weights  # noqa: E402
+from bigtrain.parallel.dims import ParallelDims  # noqa: E402
+from bigtrain.parallel.loss import cross_entropy  # noqa: E402
+from bigtrain.recompute import ActivationAccountant, apply_recompute  # noqa: E402
+from bigtrain.recompute.accounting import outside_tensors  # noqa: E402
+from bigtrain.recompute.policy import spans as spans_of  # noqa: E402
+
+MiB, GiB = 2**20, 2**30
+MODES = {
+    "none": [],
+    "selective(norm,mlp_act)": ["recompute.granularity=selective", "recompute.modules=norm,mlp_act"],
+    "selective(norm,mlp)": ["recompute.granularity=selective", "recompute.modules=norm,mlp"],
+    "full": ["recompute.granularity=full"],
+    "offload": ["recompute.offload=true", "recompute.offload_min_size=0"],
+    "full+offload": ["recompute.granularity=full", "recompute.offload=true", "recompute.offload_min_size=0"],
+}
+FAKE = {  # 1B preset, fp32 on the CPU unless said; global batch = micro-batch (no accumulation)
+    "none, micro-batch 4": ["train.micro_batch_size=4", "train.global_batch_size=4"],
+    "selective(norm,mlp), micro-batch 4": ["train.micro_batch_size=4", "train.global_batch_size=4",
+                                           "recompute.granularity=selective", "recompute.modules=norm,mlp"],
+    "full, micro-batch 16": ["train.micro_batch_size=16", "train.global_batch_size=16", "recompute.granularity=full"],
+    "full, micro-batch 1": ["train.micro_batch_size=1", "train.global_batch_size=1", "recompute.granularity=full"],
+    "none, micro-batch 2, bf16 autocast": ["train.micro_batch_size=2", "train.global_batch_size=2", "train.dtype=bf16"],
+}
+
+
+def activations(preset: str, seq: int) -> list[str]:
+    rows = []
+    for mode, extra in MODES.items():
+        cfg = load_config(preset, ["train.dtype=fp32", "model.dropout=0.0", "model.vocab_size=4096",
+                                   f"train.seq_len={seq}", "train.micro_batch_size=1", "train.global_batch_size=1", *extra])
+        lay = P.layout_of(cfg, 1, "cpu")
+        model = init_weights(apply_recompute(build_model(cfg.model), ParallelDims.single(), cfg.recompute), seed=0)
+        tokens = torch.randint(0, 4096, (1, seq + 1))
+        with ActivationAccountant(model) as acc:
+            loss = cross_entropy(model(tokens[:, :-1]), tokens[:, 1:], None, 4096)
+        loss.backward()
+        est = P.estimate(cfg, lay, spans_of(cfg.recompute, cfg.model.n_layers))
+        dev = sum(b.device for b in acc.report.blocks.values())
+        host = sum(b.host for b in acc.report.blocks.values())
+        out_pred = sum(outside_tensors(lay.shape, lay.vocab).values())
+        rows.append(f"| {Path(preset).stem} | {mode} | {est.activations / MiB:.2f} | {dev / MiB:.2f} | "
+                    f"{est.host / MiB:.2f} | {host / MiB:.2f} | "
+                    f"{out_pred / MiB:.2f} | {acc.report.outside.device / MiB:.2f} | "
+                    f"{(est.activations + est.host) / max(1, dev + host):.4f} |")
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--skip-fake", action="store_true")
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    print(f"# bench/plan.py, {time.strftime('%Y-%m-%d')}: {platform.machine()}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}\n")
+    print(f"## Kept activations: formula vs accountant (real CPU tensors, fp32, seq {a.seq}, micro-batch 1)\n")
+    print("| preset | mode | predicted device MiB | measured device MiB | predicted host MiB | measured host MiB "
+          "| predicted outside MiB | measured outside MiB | predicted / measured |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for preset in ("configs/debug.yaml", "configs/llama-125m.yaml"):
+        for row in activations(preset, a.seq):
+            print(row, flush=True)
+    if a.skip_fake:
+        return
+    print("\n## Peak of the whole step: planner vs MemTracker under fake tensors (1B preset, seq 2048, 2 steps)\n")
+    print("| case | predicted peak GiB | predicted phase | fake-tensor peak GiB | predicted / measured | seconds |")
+    print("|---|---|---|---|---|---|")
+    for case, extra in FAKE.items():
+        cfg = load_config("configs/llama-1b.yaml", ["train.dtype=fp32", *extra])
+        est = P.estimate(cfg, P.layout_of(cfg, 1, "cpu"), spans_of(cfg.recompute, cfg.model.n_layers))
+        t0 = time.perf_counter()
+        fake = P.fake_peak(cfg, steps=2)["Total"]
+        print(f"| {case} | {est.peak / GiB:.3f} | {est.peak_phase} | {fake / GiB:.3f} | {est.peak / fake:.4f} | "
+              f"{time.perf_counter() - t0:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

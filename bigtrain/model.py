@@ -45,8 +45,8 @@ def cast_once(x: torch.Tensor) -> torch.Tensor:
     copies of the attention input (wq, wk, wv), two of the MLP's (w1, w3). Casting once first
     keeps one. Outside autocast: x unchanged."""
     kind = x.device.type
-    if not torch.is_autocast_enabled(kind):
-        return x
+    if not torch.amp.is_autocast_available(kind) or not torch.is_autocast_enabled(kind):
+        return x  # (meta and other devices have no autocast)
     return x.to(torch.get_autocast_dtype(kind))
 
 

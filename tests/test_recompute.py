@@ -349,3 +349,25 @@ def test_train_prints_activation_report(tiny_data, tmp_path):
     for line in lines:  # measured == formula, device and host
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert cells[1] == cells[3] and cells[2] == cells[4], line
+
+
+def test_a_forward_without_backward_frees_everything():
+    """Pack hooks return detached tensors: an op that saves its own output (rsqrt, exp) would
+    otherwise keep its graph alive, and with it the offload groups and their host buffers."""
+    import gc
+
+    model = init_weights(apply_recompute(build_model(model_cfg()), ParallelDims.single(), MODES_TP1["offload"]), seed=0)
+    tokens = torch.randint(0, 100, (B, S))
+    for _ in range(3):
+        with ActivationAccountant(model):
+            out = model(tokens)
+        del out
+        gc.collect()
+        saved = model.block_runner.saved
+        assert not [g for g in (ref() for ref in saved._groups) if g is not None]
+    assert len(saved.pool.chunks) == 1
+
+
+def test_model_runs_on_the_meta_device_with_recompute():
+    model = apply_recompute(build_model(model_cfg(0.0)), ParallelDims.single(), FULL)
+    assert model(torch.zeros(1, 8, dtype=torch.long, device="meta")).shape == (1, 8, 100)

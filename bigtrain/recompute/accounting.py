@@ -106,7 +106,7 @@ class ActivationAccountant:
         key = storage_key(t)
         if key not in self._static:
             self.add(None, key, t.untyped_storage().nbytes(), host=False)
-        return t
+        return t.detach()  # no reference cycle through an op that saves its own output
 
 
 # --------------------------------------------------------------------------------------------

@@ -152,16 +152,18 @@ class Group:
         self._prefetched = self.fetched
 
     def store(self, t: torch.Tensor):
-        """Keep `t` for backward; returns t itself or an _Offloaded handle (see `load`)."""
+        """Keep `t` for backward; returns t (detached) or an _Offloaded handle (see `load`)."""
         saved = self.saved
         key = storage_key(t)
         if key in saved.static:  # a parameter or buffer (or a view of one)
-            return t
+            return t.detach()
         nbytes = t.untyped_storage().nbytes()
         if not self.offload or nbytes < saved.min_bytes or t.device.type != saved.device.type:
             if saved.accountant is not None:
                 saved.accountant.add(self.label, key, nbytes, host=False)
-            return t
+            # detached: a tensor an op saves of its own output would otherwise hold that op's
+            # node, which holds it (a cycle that keeps a graph alive when backward never runs)
+            return t.detach()
         host = self._host.get(key)
         if host is None:
             src = _bytes_view(t.untyped_storage(), t.device)

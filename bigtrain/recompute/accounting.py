@@ -29,8 +29,8 @@ f = ffn_hidden, a = n_heads, per block:
 
     bf16 autocast     + the bf16 copies of the block's linear weights, 2*(2h^2 + 2h*kv + 3hf)/t
 
-fp32, no dropout, t = 1: S * (24h + 8 + 8kv + 4a + 16f) bytes; for Llama-2-7B shapes (kv = h,
-f = 2.69h) that is ~75 S*h bytes per block, against 4 S*h (its fp32 input) with full recompute.
+fp32, no dropout, t = 1: S * (32h + 8kv + 16f + 4a + 8) bytes; for Llama-2-7B shapes (kv = h,
+f = 2.69h) that is ~83 S*h bytes per block, against 4 S*h (its fp32 input) with full recompute.
 Recomputing modules removes their saved tensors and keeps their inputs instead:
 norm -> rstd and the normalised tensor go; mlp_act -> silu(gate) goes; core_attn -> only the
 lse goes with fused attention (its output is the out-projection's saved input anyway, and the

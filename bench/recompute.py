@@ -76,6 +76,7 @@ from bigtrain.parallel.parallelize import parallelize  # noqa: E402
 from bigtrain.parallel.random import seed_rng  # noqa: E402
 from bigtrain.recompute import ActivationAccountant, apply_recompute, block_formula  # noqa: E402
 from bigtrain.recompute.accounting import Shape  # noqa: E402
+from throughput import cpu_model  # noqa: E402  (bench/ is on sys.path: it is this script's folder)
 
 MiB = 2.0 ** 20
 SEED = 0
@@ -894,16 +895,6 @@ def verdict(s1: dict | None, s2: dict | None) -> list[str]:
         if not any_ds:
             out.append(f"- DeepSpeed rows not run ({s2.get('ds_note') or 'skipped'}); bigtrain rows only.")
     return out
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def version(pkg: str) -> str:

@@ -208,6 +208,23 @@ def prune(out_dir: str | Path, keep_last: int) -> None:
 # Load
 
 
+def find_checkpoint(run: str | Path, step: int | None) -> Path:
+    """A run directory's latest complete checkpoint, or the one of `step`."""
+    run = Path(run)
+    if not run.is_dir():
+        raise UserError(f"--run {str(run)!r} is not a directory")
+    if step is None:
+        path = latest_checkpoint(run)
+        if path is None:
+            raise UserError(f"run directory {str(run)!r} holds no complete checkpoint (checkpoints/step_*)")
+        return path
+    path = checkpoint_root(run) / f"step_{step:08d}"
+    if not (path / "manifest.json").is_file():
+        have = [int(p.name[5:]) for p in list_checkpoints(run)]
+        raise UserError(f"run {str(run)!r} has no checkpoint for step {step}; it has steps {have}")
+    return path
+
+
 def read_manifest(ckpt: str | Path) -> dict:
     path = Path(ckpt) / "manifest.json"
     if not path.is_file():

@@ -236,23 +236,6 @@ def _safetensors():
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def find_checkpoint(run: str | Path, step: int | None) -> Path:
-    """A run directory's latest complete checkpoint, or the one of `step`."""
-    run = Path(run)
-    if not run.is_dir():
-        raise UserError(f"--run {str(run)!r} is not a directory")
-    if step is None:
-        path = ckpt.latest_checkpoint(run)
-        if path is None:
-            raise UserError(f"run directory {str(run)!r} holds no complete checkpoint (checkpoints/step_*)")
-        return path
-    path = ckpt.checkpoint_root(run) / f"step_{step:08d}"
-    if not (path / "manifest.json").is_file():
-        have = [int(p.name[5:]) for p in ckpt.list_checkpoints(run)]
-        raise UserError(f"run {str(run)!r} has no checkpoint for step {step}; it has steps {have}")
-    return path
-
-
 def export_hf(run: str | Path, out: str | Path, step: int | None = None, dtype: str = "float32") -> Path:
     """Write `out`: config.json, generation_config.json, model.safetensors and (when the run's
     tokenizer is found) tokenizer.model + tokenizer_config.json. Any tp/dp layout: the shards are
@@ -263,7 +246,7 @@ def export_hf(run: str | Path, out: str | Path, step: int | None = None, dtype: 
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {str(out)!r} already exists and is not empty; choose another directory or remove it")
-    path = find_checkpoint(run, step)
+    path = ckpt.find_checkpoint(run, step)
     manifest = ckpt.read_manifest(path)
     cfg = from_dict(manifest["config"])
     state = to_hf_state(ckpt.full_model_state(path, manifest), cfg.model)

@@ -9,24 +9,12 @@ import torch
 from bigtrain import checkpoint as ckpt
 from bigtrain.config import from_dict
 from bigtrain.data.tokenizer import Tokenizer
-from bigtrain.errors import UserError
 from bigtrain.model import build_model, init_weights
 
 
 def load_for_inference(run: str | Path, step: int | None, device: torch.device):
     """(model, config) from a run directory's checkpoint, as a plain single-device model."""
-    run = Path(run)
-    if not run.is_dir():
-        raise UserError(f"--run {str(run)!r} is not a directory")
-    if step is None:
-        path = ckpt.latest_checkpoint(run)
-        if path is None:
-            raise UserError(f"run directory {str(run)!r} holds no complete checkpoint (checkpoints/step_*)")
-    else:
-        path = ckpt.checkpoint_root(run) / f"step_{step:08d}"
-        if not path.is_dir():
-            have = [p.name for p in ckpt.list_checkpoints(run)]
-            raise UserError(f"run {str(run)!r} has no checkpoint for step {step}; it has {have}")
+    path = ckpt.find_checkpoint(run, step)
     manifest = ckpt.read_manifest(path)
     cfg = from_dict(manifest["config"])
     model = init_weights(build_model(cfg.model), seed=0, device=device)  # values overwritten below

@@ -52,3 +52,13 @@ def run_cli(*args: str, env: dict | None = None, check: bool = False, timeout: f
     if check and r.returncode != 0:
         raise AssertionError(f"bigtrain {' '.join(args)} failed ({r.returncode}):\n{r.stderr[-4000:]}")
     return r
+
+
+def assert_user_error(r: subprocess.CompletedProcess, *fragments: str) -> str:
+    """A user error: exit code 2, one stderr line with every fragment, no traceback."""
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    for f in fragments:
+        assert f in lines[0], lines[0]
+    return lines[0]

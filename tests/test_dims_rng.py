@@ -23,7 +23,7 @@ from bigtrain.parallel.dims import (ParallelDims, check_layout, check_model, che
                                     vocab_padding_note)
 from bigtrain.parallel.random import TP, TP_SEED_OFFSET, RNGTracker, get_default_rng_state, seed_rng, set_default_rng_state
 from bigtrain.trainer import Trainer
-from tests.conftest import ROOT, TINY, run_cli
+from tests.conftest import ROOT, TINY, assert_user_error, run_cli
 from tests.multiproc import run_ranks
 
 CONFIG = str(ROOT / "configs" / "debug.yaml")
@@ -294,22 +294,13 @@ def test_seed_rng_on_ranks(world, tp):
 # The layout error through the CLI, and an invalid model split on 2 ranks
 
 
-def _assert_user_error(r, *fragments):
-    assert r.returncode == 2, r.stderr[-2000:]
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
-    for f in fragments:
-        assert f in lines[0], lines[0]
-    return lines[0]
-
-
 @pytest.mark.slow
 def test_cli_layout_error_single_process(tiny_data, tmp_path):
     # tp=2 with an invalid model split for tp=2 too (n_kv_heads 1): the layout is checked first,
     # before any process group or model exists, so that is the one error reported
     r = run_cli("train", "--config", CONFIG, *TINY, f"data.path={tiny_data}", f"train.out_dir={tmp_path / 'run'}",
                 "parallel.tp=2", "model.n_kv_heads=1")
-    line = _assert_user_error(r, "tp(2)", "world_size(1)")
+    line = assert_user_error(r, "tp(2)", "world_size(1)")
     assert line == "bigtrain: error: world_size(1) is not divisible by tp(2)"
     assert "n_kv_heads" not in line
     assert not (tmp_path / "run").exists()

@@ -14,7 +14,7 @@ import torch
 from bigtrain import checkpoint as ckpt
 from bigtrain.config import load_config
 from bigtrain.trainer import Trainer
-from tests.conftest import ROOT, TINY, run_cli
+from tests.conftest import ROOT, TINY, assert_user_error, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -144,34 +144,26 @@ def test_sample_prints_text(tiny_data, tmp_path):
     assert r.stdout.startswith("To be") and len(r.stdout.strip()) > len("To be")
 
 
-def _assert_user_error(r, *fragments):
-    assert r.returncode == 2, r.stderr[-2000:]
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
-    for f in fragments:
-        assert f in lines[0], lines[0]
-
-
 def test_bad_inputs_exit_2(tiny_data, tmp_path):
     out = tmp_path / "run"
-    _assert_user_error(run_cli(*_train_args(tmp_path / "nodata", out)), "nodata", "bigtrain prepare")
-    _assert_user_error(run_cli(*_train_args(tiny_data, out, "model.n_heads=3")), "model.dim(64) is not divisible by model.n_heads(3)")
-    _assert_user_error(run_cli(*_train_args(tiny_data, out, "train.seq_len=128")), "train.seq_len(128) exceeds model.max_seq_len(64)")
-    _assert_user_error(run_cli("train", "--config", "missing.yaml"), "missing.yaml", "does not exist")
-    _assert_user_error(run_cli("prepare", "--corpus", str(tmp_path / "none*.txt"), "--out", str(tmp_path / "d")), "none*.txt")
-    _assert_user_error(run_cli("sample", "--run", str(tmp_path / "nothing")), "nothing")
+    assert_user_error(run_cli(*_train_args(tmp_path / "nodata", out)), "nodata", "bigtrain prepare")
+    assert_user_error(run_cli(*_train_args(tiny_data, out, "model.n_heads=3")), "model.dim(64) is not divisible by model.n_heads(3)")
+    assert_user_error(run_cli(*_train_args(tiny_data, out, "train.seq_len=128")), "train.seq_len(128) exceeds model.max_seq_len(64)")
+    assert_user_error(run_cli("train", "--config", "missing.yaml"), "missing.yaml", "does not exist")
+    assert_user_error(run_cli("prepare", "--corpus", str(tmp_path / "none*.txt"), "--out", str(tmp_path / "d")), "none*.txt")
+    assert_user_error(run_cli("sample", "--run", str(tmp_path / "nothing")), "nothing")
 
     run_cli(*_train_args(tiny_data, out, "train.steps=3"), check=True)
     metrics_before = (out / "metrics.jsonl").read_text()
     # an existing run is never overwritten by accident
-    _assert_user_error(run_cli(*_train_args(tiny_data, out, "train.steps=4")), "already holds checkpoints", "train.resume=auto")
+    assert_user_error(run_cli(*_train_args(tiny_data, out, "train.steps=4")), "already holds checkpoints", "train.resume=auto")
     # a different model cannot resume this checkpoint
-    _assert_user_error(run_cli(*_train_args(tiny_data, out, "train.steps=4", "train.resume=auto", "model.dim=32",
+    assert_user_error(run_cli(*_train_args(tiny_data, out, "train.steps=4", "train.resume=auto", "model.dim=32",
                                             "model.n_heads=2", "model.n_kv_heads=1")),
                        "different model", "model.dim: 64 in checkpoint vs 32")
-    _assert_user_error(run_cli(*_train_args(tiny_data, out, "train.resume=" + str(tmp_path / "nock"))), "no such checkpoint")
+    assert_user_error(run_cli(*_train_args(tiny_data, out, "train.resume=" + str(tmp_path / "nock"))), "no such checkpoint")
     # a corrupt checkpoint file
     rank_file = ckpt.latest_checkpoint(out) / "rank00000.pt"
     rank_file.write_bytes(rank_file.read_bytes()[:1000])
-    _assert_user_error(run_cli(*_train_args(tiny_data, out, "train.steps=4", "train.resume=auto")), "corrupt")
+    assert_user_error(run_cli(*_train_args(tiny_data, out, "train.steps=4", "train.resume=auto")), "corrupt")
     assert (out / "metrics.jsonl").read_text() == metrics_before  # nothing written was lost

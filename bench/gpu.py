@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bigtrain import plan as P  # noqa: E402
-from bigtrain.config import load_config, parse_bytes  # noqa: E402
+from bigtrain.config import load_config  # noqa: E402
 from bigtrain.recompute.policy import spans as spans_of  # noqa: E402
 from bigtrain.trainer import Trainer  # noqa: E402
 

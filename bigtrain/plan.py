@@ -28,11 +28,11 @@ from __future__ import annotations
 
 import copy
 import itertools
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 
-from bigtrain.config import Config, RecomputeConfig, parse_bytes
+from bigtrain.config import Config, parse_bytes
 from bigtrain.errors import UserError
 from bigtrain.model import build_model
 from bigtrain.parallel.dims import ParallelDims, check_layout, check_model, check_sequence, padded_vocab

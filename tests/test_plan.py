@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bigtrain import plan as P
-from bigtrain.config import load_config, parse_bytes
+from bigtrain.config import load_config
 from bigtrain.model import build_model, init_weights
 from bigtrain.optim import build_optimizer
 from bigtrain.parallel.dims import ParallelDims

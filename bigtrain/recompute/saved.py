@@ -144,9 +144,9 @@ def _load(packed):
 class Group:
     """The tensors one span of blocks keeps for backward (see the module docstring)."""
 
-    def __init__(self, saved: "SavedTensors", index: int, label: str, offload: bool):
-        self.saved, self.index, self.label, self.offload = saved, index, label, offload
-        self._host: dict[int, _HostStorage] = {}  # device storage ptr -> its host copy
+    def __init__(self, saved: "SavedTensors", label: str, offload: bool):
+        self.saved, self.label, self.offload = saved, label, offload
+        self._host: dict[int, _HostStorage] = {}  # storage_key of a device storage -> its host copy
         self._pinned_sources: list[torch.Tensor] = []  # device storages kept alive until close()
         self.fetched = not offload  # nothing to fetch without offload
         self._prefetched = self.fetched
@@ -170,8 +170,8 @@ class Group:
             host = _HostStorage(saved.pool.alloc(nbytes))
             host.event = saved.copier.to_host(src, host.host)
             self._host[key] = host
-            # Until this group closes, another tensor must not reuse this address (it would be
-            # mistaken for this storage); after that the address may be reused freely.
+            # Until this group closes, no other storage may take this one's key (it would be
+            # mistaken for it): keep the storage alive until then.
             self._pinned_sources.append(src)
             if saved.accountant is not None:
                 saved.accountant.add(self.label, ("host", id(self), key), nbytes, host=True)
@@ -242,7 +242,7 @@ class SavedTensors:
             self._groups = [weakref.ref(g) for g in live]
 
     def open_group(self, label: str, offload: bool) -> Group:
-        group = Group(self, len(self._groups), label, offload)
+        group = Group(self, label, offload)
         self._groups.append(weakref.ref(group))
         self.current = group
         return group

@@ -150,3 +150,29 @@ def test_plan_cli_7b_and_13b_at_tp8(tmp_path):
     assert "recommendation:" in r.stdout and png.stat().st_size > 10_000
     bad = run_cli("plan", "--config", "configs/llama-13b.yaml", "--nproc", "6", timeout=120)
     assert bad.returncode == 2 and "world_size(6) is not divisible by tp(8)" in bad.stderr
+
+
+def _tp2_debug_activations(rank, world, extra):
+    from bigtrain.parallel.parallelize import parallelize
+    from bigtrain.parallel.random import seed_rng
+
+    cfg = _cfg("configs/debug.yaml", "model.vocab_size=4096", "train.seq_len=128", "train.micro_batch_size=1",
+               "train.global_batch_size=1", "parallel.tp=2", *extra)
+    dims = ParallelDims.build(world, rank, tp=2)
+    model = parallelize(build_model(cfg.model), dims, rng=seed_rng(0, dims))
+    init_weights(apply_recompute(model, dims, cfg.recompute), seed=0)
+    tokens = torch.randint(0, 4096, (1, 129), generator=torch.Generator().manual_seed(0))
+    with ActivationAccountant(model) as acc:
+        loss = cross_entropy(model(tokens[:, :-1]), tokens[:, 1:], dims.tp_group, 4096)
+    loss.backward()
+    est = P.estimate(cfg, P.layout_of(cfg, 2, "cpu"), spans_of(cfg.recompute, cfg.model.n_layers))
+    return (est.activations, est.host, sum(b.device for b in acc.report.blocks.values()),
+            sum(b.host for b in acc.report.blocks.values()))
+
+
+@pytest.mark.parametrize("extra", [[], ["recompute.granularity=full", "recompute.partition=true"],
+                                   ["recompute.granularity=full", "recompute.partition=true", "recompute.offload=true",
+                                    "recompute.offload_min_size=0"]], ids=["none", "partition", "partition_offload"])
+def test_predicted_activations_at_tp2_equal_the_accountant(extra):
+    pred_dev, pred_host, dev, host = run_ranks(_tp2_debug_activations, 2, extra)[0]
+    assert (pred_dev, pred_host) == (dev, host)

@@ -150,7 +150,8 @@ def model_states(cfg: Config, lay: Layout, n: Params) -> States:
     params = pb * n.total // dp if stage == 3 else pb * n.total
     bucket = pb * min(n.total, 500_000_000)  # reduce_bucket_size's default, 5e8 elements
     if stage == 3:
-        bucket += 2 * pb * n.per_block  # gathered working set: this block and the prefetched next
+        # gathered working set: this block and the prefetched next, or the output layer's weight
+        bucket += max(2 * pb * n.per_block, pb * n.output * lay.tp)
     host = 0
     if p.offload_optimizer:
         host, optimizer = optimizer, 0
@@ -211,10 +212,13 @@ def estimate(cfg: Config, lay: Layout, spans: list[Span], policy: str = "", n: P
     peak_bwd = cur + logits_bwd  # before the output layer's backward allocates its gradient
     grads = grad_bytes * n.output
     none_block = sum(saved_tensors(sh).values())
-    for span, dev in zip(reversed(spans), reversed(kept_dev)):
+    host_of = [h for _, h in kept]
+    for i in range(len(spans) - 1, -1, -1):
+        span, dev = spans[i], kept_dev[i]
         replay = none_block * (span.stop - span.start) if span.checkpointed else 0
-        # an offloaded span's kept tensors come back to the device for its backward
-        back = span_bytes(sh, span, min_bytes)[1] if span.offload else 0
+        # An offloaded span's kept tensors come back to the device for its backward, and the
+        # span before it is prefetched at the same time.
+        back = host_of[i] + (host_of[i - 1] if i > 0 else 0)
         peak_bwd = max(peak_bwd, cur + grads + replay + back)
         cur -= dev
         grads += grad_bytes * n.per_block * (span.stop - span.start)
@@ -489,7 +493,7 @@ def fake_peak(cfg: Config, spans: list[Span] | None = None, steps: int = 1) -> d
         apply_recompute(model, ParallelDims.single(), cfg.recompute, plan=spans)
         optimizer = build_optimizer(model, cfg.optim)
         tokens = torch.randint(0, cfg.model.vocab_size, (t.micro_batch_size, t.seq_len + 1))
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=t.dtype == "bf16")
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=t.dtype == "bf16", cache_enabled=False)  # as the trainer
         tracker = MemTracker()
         tracker.track_external(model, optimizer)
         with tracker:

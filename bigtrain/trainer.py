@@ -363,7 +363,10 @@ def _autocast(cfg: Config, device: torch.device):
         dtype = "bf16" if device.type == "cuda" else "fp32"
     if dtype == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    # No weight-cast cache: each weight is used once per forward, and a cache would keep a bf16
+    # copy of every weight alive until the whole forward ends -- also under recompute, which
+    # would otherwise drop them (the planner counts what autograd keeps, not the cache).
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=False)
 
 
 def _sync(device: torch.device) -> None:

@@ -320,6 +320,12 @@ ENGINES = {  # layout -> (ranks, overrides, recompute overrides)
                                  ["recompute.granularity=full"]),
     "deepspeed_zero2_dp2_selective_offload": (2, ["parallel.dp=2", "parallel.engine=deepspeed", "parallel.zero_stage=2"],
                                               ["recompute.granularity=selective", "recompute.offload=true"]),
+    # ZeRO-3 gathers weights into new storages inside forward: they must not be taken for
+    # activations (kept, offloaded, counted) by the saved-tensor hooks
+    "deepspeed_zero3_dp2_offload": (2, ["parallel.dp=2", "parallel.engine=deepspeed", "parallel.zero_stage=3",
+                                        "log.activation_memory=true"], ["recompute.offload=true"]),
+    "deepspeed_zero3_dp2_full": (2, ["parallel.dp=2", "parallel.engine=deepspeed", "parallel.zero_stage=3"],
+                                 ["recompute.granularity=full"]),
 }
 
 
@@ -328,12 +334,13 @@ ENGINES = {  # layout -> (ranks, overrides, recompute overrides)
 def test_recompute_under_data_parallel_engines(layout, tiny_data, tmp_path):
     """3 optimizer steps with dropout: recompute gives the same losses, bitwise, under DDP
     (gradient sync only on the last micro-batch) and under the DeepSpeed engine."""
-    from tests.test_distributed_train import base, train
+    from tests.test_distributed_train import base, train, train_zero3_partitioned
 
     world, extra, recompute = ENGINES[layout]
+    fn = train_zero3_partitioned if "zero3" in layout else train
     common = [*extra, "model.dropout=0.1", "recompute.offload_min_size=0"]
-    ref = run_ranks(train, world, base(tiny_data, tmp_path / "ref", *common), timeout=240)
-    got = run_ranks(train, world, base(tiny_data, tmp_path / "rc", *common, *recompute), timeout=240)
+    ref = run_ranks(fn, world, base(tiny_data, tmp_path / "ref", *common), timeout=240)
+    got = run_ranks(fn, world, base(tiny_data, tmp_path / "rc", *common, *recompute), timeout=240)
     assert got == ref
 
 
@@ -371,3 +378,43 @@ def test_a_forward_without_backward_frees_everything():
 def test_model_runs_on_the_meta_device_with_recompute():
     model = apply_recompute(build_model(model_cfg(0.0)), ParallelDims.single(), FULL)
     assert model(torch.zeros(1, 8, dtype=torch.long, device="meta")).shape == (1, 8, 100)
+
+
+@pytest.mark.parametrize("mode", ["full", "selective_all", "full_offload", "offload"])
+def test_second_backward_through_the_same_graph(mode):
+    """retain_graph / autograd.grad: torch re-enters the same recompute context; the replay must
+    give the same gradients again."""
+    cfg = model_cfg()
+    model = init_weights(apply_recompute(build_model(cfg), ParallelDims.single(), MODES_TP1[mode]), seed=0)
+    torch.manual_seed(0)
+    x = torch.randn(B, S, cfg.dim, requires_grad=True)
+    y = (model.block_runner(x, model.rope[:S]) ** 2).sum()
+    (first,) = torch.autograd.grad(y, x, retain_graph=True)
+    (second,) = torch.autograd.grad(y, x)
+    assert torch.equal(first, second)
+
+
+def _zero3_accounting(rank, world, overrides):
+    import os
+
+    from bigtrain.parallel.engine import DeepSpeedEngine
+    from bigtrain.trainer import Trainer
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    DeepSpeedEngine.ZERO3_EXTRA = {"stage3_param_persistence_threshold": 0}  # partition every weight
+    trainer = Trainer(load_config("configs/debug.yaml", overrides))
+    cfg = trainer.cfg
+    with ActivationAccountant(trainer.module) as acc:
+        trainer.loss_on(trainer.train_loader.next_batch())
+    sh = Shape(cfg.model, cfg.train.micro_batch_size, cfg.train.seq_len, elem=4, mask_bytes=4)
+    return _measured(acc.report) == {label: (d, h) for label, d, h in block_formula(sh, cfg.recompute)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("offload", [False, True])
+def test_zero3_gathered_weights_are_not_activations(offload, tiny_data, tmp_path):
+    from tests.test_distributed_train import base
+
+    extra = ["parallel.dp=2", "parallel.engine=deepspeed", "parallel.zero_stage=3", "recompute.offload_min_size=0",
+             f"recompute.offload={str(offload).lower()}"]
+    assert all(run_ranks(_zero3_accounting, 2, base(tiny_data, tmp_path / "run", *extra), timeout=240))

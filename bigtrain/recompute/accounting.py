@@ -82,7 +82,9 @@ class ActivationAccountant:
 
     def __enter__(self) -> "ActivationAccountant":
         self.report, self._seen = ActivationReport(), set()
-        self._static = {storage_key(t) for t in (*self.model.parameters(), *self.model.buffers())}
+        # held while measuring, so that no activation can take a key of theirs (see saved.py)
+        self._static_storages = [t.untyped_storage() for t in (*self.model.parameters(), *self.model.buffers())]
+        self._static = {s._cdata for s in self._static_storages}
         self.runner.saved.accountant = self
         self._stack.enter_context(torch.autograd.graph.saved_tensors_hooks(self._pack_outside, lambda t: t))
         return self
@@ -90,6 +92,7 @@ class ActivationAccountant:
     def __exit__(self, *exc) -> None:
         self._stack.close()
         self.runner.saved.accountant = None
+        self._static_storages = []
 
     def add(self, label: str | None, key, nbytes: int, host: bool) -> None:
         """Count a storage once (called by Group.store for everything a span keeps)."""
@@ -103,9 +106,9 @@ class ActivationAccountant:
             where.device += nbytes
 
     def _pack_outside(self, t: torch.Tensor) -> torch.Tensor:
-        key = storage_key(t)
-        if key not in self._static:
-            self.add(None, key, t.untyped_storage().nbytes(), host=False)
+        if storage_key(t) in self._static or isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter):
+            return t  # a parameter (or a view of one, e.g. a gathered ZeRO-3 weight): not an activation
+        self.add(None, storage_key(t), t.untyped_storage().nbytes(), host=False)
         return t.detach()  # no reference cycle through an op that saves its own output
 
 

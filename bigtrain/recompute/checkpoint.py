@@ -55,33 +55,41 @@ def checkpoint(fn, stash: "Stash", *args, rng: RNGTracker | None = None):
 
 def _replay_contexts(rng: RNGTracker | None):
     """(forward context, recompute context) for torch's checkpoint: capture, then replay, every RNG."""
-    captured = {}
+    replay = _Replay(rng)
+    return replay.forward(), replay
+
+
+class _Replay:
+    """Replays the RNG states captured on entry to the forward, each time it is entered: torch
+    enters the same recompute context again for a second backward (retain_graph, autograd.grad)."""
+
+    def __init__(self, rng: RNGTracker | None):
+        self.rng = rng
+        self.captured: tuple | None = None
+        self._live: list = []
 
     @contextlib.contextmanager
-    def forward():
-        captured["default"] = get_default_rng_state()
-        captured["named"] = rng.get_states() if rng is not None else None
+    def forward(self):
+        self.captured = (get_default_rng_state(), self.rng.get_states() if self.rng is not None else None)
         yield
 
-    @contextlib.contextmanager
-    def recompute():
-        live_default = get_default_rng_state()
-        live_named = rng.get_states() if rng is not None else None
-        set_default_rng_state(captured["default"])
-        if rng is not None:
-            rng.set_states(captured["named"])
-        token = _RECOMPUTING.set(True)
-        try:
-            yield
-        finally:
-            # Also when torch stops the replay early (all needed tensors recomputed): the
-            # streams continue from where the forward left them, not from the replay.
-            _RECOMPUTING.reset(token)
-            set_default_rng_state(live_default)
-            if rng is not None:
-                rng.set_states(live_named)
+    def __enter__(self):
+        live = (get_default_rng_state(), self.rng.get_states() if self.rng is not None else None)
+        default, named = self.captured
+        set_default_rng_state(default)
+        if self.rng is not None:
+            self.rng.set_states(named)
+        self._live.append((live, _RECOMPUTING.set(True)))
 
-    return forward(), recompute()
+    def __exit__(self, *exc) -> bool:
+        # Also when torch stops the replay early (all needed tensors recomputed): the streams
+        # continue from where the forward left them, not from the replay.
+        (default, named), token = self._live.pop()
+        _RECOMPUTING.reset(token)
+        set_default_rng_state(default)
+        if self.rng is not None:
+            self.rng.set_states(named)
+        return False
 
 
 class Stash:

@@ -19,6 +19,10 @@ the tensor, host->device is waited for by the compute stream before the tensor i
 `record_stream` keeps the caching allocator from reusing memory a pending copy still reads or
 writes. On the CPU the same code path copies synchronously into the same kind of pool, so it
 is what the CPU tests exercise.
+
+Saved-tensor hooks switch off autograd's check that a saved tensor is not modified in place
+before backward: under offload, an in-place write to a tensor after it was saved goes unnoticed
+(the host copy is the older value). bigtrain's blocks make no such writes.
 """
 
 from __future__ import annotations
@@ -150,13 +154,17 @@ class Group:
         self._pinned_sources: list[torch.Tensor] = []  # device storages kept alive until close()
         self.fetched = not offload  # nothing to fetch without offload
         self._prefetched = self.fetched
+        self.last_event = None  # the newest device->host copy (CUDA), see SavedTensors.open_group
 
     def store(self, t: torch.Tensor):
         """Keep `t` for backward; returns t (detached) or an _Offloaded handle (see `load`)."""
         saved = self.saved
         key = storage_key(t)
-        if key in saved.static:  # a parameter or buffer (or a view of one)
-            return t.detach()
+        if key in saved.static or isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter):
+            # A parameter or buffer, or a view of one (linear saves weight.t()): not an
+            # activation. Kept as autograd would keep it (ZeRO-3 gathers parameters into new
+            # storages after begin_forward, hence the isinstance checks).
+            return t
         nbytes = t.untyped_storage().nbytes()
         if not self.offload or nbytes < saved.min_bytes or t.device.type != saved.device.type:
             if saved.accountant is not None:
@@ -175,6 +183,7 @@ class Group:
             self._pinned_sources.append(src)
             if saved.accountant is not None:
                 saved.accountant.add(self.label, ("host", id(self), key), nbytes, host=True)
+        self.last_event = host.event
         return _Offloaded(self, host, t.dtype, tuple(t.shape), tuple(t.stride()), t.storage_offset())
 
     def load(self, packed) -> torch.Tensor:
@@ -230,7 +239,10 @@ class SavedTensors:
             self.copier = _Copier(device)
         # Parameters and buffers can be re-materialised (init_weights, DeepSpeed): look them up
         # every forward; a set of a few hundred pointers.
-        self.static = {storage_key(t) for t in (*self.model.parameters(), *self.model.buffers())}
+        # The storages are held until the next forward: a storage ZeRO-3 swaps out of a
+        # parameter is freed, and an activation allocated later could take its key.
+        self._static_storages = [t.untyped_storage() for t in (*self.model.parameters(), *self.model.buffers())]
+        self.static = {s._cdata for s in self._static_storages}
         live = [g for g in (ref() for ref in self._groups) if g is not None]
         if all(g.fetched for g in live):
             # Every group of earlier forwards was consumed by its backward (or freed with its
@@ -242,6 +254,12 @@ class SavedTensors:
             self._groups = [weakref.ref(g) for g in live]
 
     def open_group(self, label: str, offload: bool) -> Group:
+        previous = self._groups[-1]() if self._groups else None
+        if previous is not None and previous.last_event is not None:
+            # At most one span's device->host copies in flight: otherwise, with host bandwidth
+            # below compute speed, "offloaded" tensors would stay allocated for most of the
+            # forward (their memory is only reused once their copy has run).
+            torch.cuda.current_stream(self.device).wait_event(previous.last_event)
         group = Group(self, label, offload)
         self._groups.append(weakref.ref(group))
         self.current = group

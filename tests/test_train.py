@@ -60,20 +60,26 @@ def reference_losses(tiny_data, tmp_path_factory):
     return ref
 
 
-def test_sigkill_during_training_resumes_exactly(tiny_data, tmp_path, reference_losses):
-    out = tmp_path / "run"
+def _train_until(tiny_data, out: Path, step: int) -> subprocess.Popen:
+    """Start the 8-step training run in a subprocess and return once `step` is logged."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "bigtrain.cli", *_train_args(tiny_data, out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
-    # Kill it as soon as step 5 is logged: after the step-3 checkpoint, before the step-6 one.
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if (out / "metrics.jsonl").exists() and any(json.loads(line)["step"] >= 5 for line in
+        if (out / "metrics.jsonl").exists() and any(json.loads(line)["step"] >= step for line in
                                                     (out / "metrics.jsonl").read_text().splitlines() if line):
             break
         time.sleep(0.02)
+    return proc
+
+
+def test_sigkill_during_training_resumes_exactly(tiny_data, tmp_path, reference_losses):
+    out = tmp_path / "run"
+    # Kill it as soon as step 5 is logged: after the step-3 checkpoint, before the step-6 one.
+    proc = _train_until(tiny_data, out, 5)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.communicate()
     latest = ckpt.latest_checkpoint(out)
     assert latest is not None and latest.name in ("step_00000003", "step_00000006")
     run_cli(*_train_args(tiny_data, out, "train.resume=auto"), check=True)
@@ -84,15 +90,7 @@ def test_sigterm_saves_and_resumes_exactly(tiny_data, tmp_path, reference_losses
     """SIGTERM (slurm's notice, a preemption): the step finishes, a checkpoint is written at that
     step, the process exits 0, and train.resume=auto continues with the same losses."""
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "bigtrain.cli", *_train_args(tiny_data, out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if (out / "metrics.jsonl").exists() and any(json.loads(line)["step"] >= 4 for line in
-                                                    (out / "metrics.jsonl").read_text().splitlines() if line):
-            break
-        time.sleep(0.02)
+    proc = _train_until(tiny_data, out, 4)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-2000:]

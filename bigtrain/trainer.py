@@ -34,7 +34,7 @@ from bigtrain.parallel.loss import cross_entropy
 from bigtrain.parallel.parallelize import parallelize
 from bigtrain.parallel.random import RNGTracker, seed_rng
 from bigtrain.recompute import ActivationAccountant, apply_recompute
-from bigtrain.recompute.accounting import Shape, block_formula, format_report
+from bigtrain.recompute.accounting import block_formula, format_report
 
 
 def resolve_vocab(cfg: Config) -> dict:
@@ -168,17 +168,12 @@ class Trainer:
 
     def _format_activations(self, acc: ActivationAccountant) -> str:
         """The accountant's per-span table next to the formula's prediction."""
-        t, p = self.cfg.train, self.cfg.parallel
-        autocast = not isinstance(self.autocast, contextlib.nullcontext)
-        elem = 4 if not autocast else 2
-        on_cpu = self.device.type == "cpu"
-        shape = Shape(self.cfg.model, t.micro_batch_size, t.seq_len, self.dims.tp, p.sequence_parallel, elem,
-                      mask_bytes=elem if on_cpu else 1, math_attention=on_cpu and self.cfg.model.dropout > 0)
-        note = ("" if not autocast else "\n(bf16 autocast mixes fp32 and bf16 activations; the formula assumes "
-                "pure bf16, so expect it to differ)")
+        from bigtrain.plan import layout_of
+
+        shape = layout_of(self.cfg, self.dims.world_size, self.device.type).shape  # what the planner assumes
         return (f"activation memory kept for backward, rank {self.dims.rank}, one micro-batch, "
                 f"recompute.granularity={self.cfg.recompute.granularity}:\n"
-                + format_report(acc.report, block_formula(shape, self.cfg.recompute, self.recompute_plan)) + note)
+                + format_report(acc.report, block_formula(shape, self.cfg.recompute, self.recompute_plan)))
 
     @torch.no_grad()
     def evaluate(self) -> float:

@@ -30,7 +30,7 @@ import torch
 import torch.utils.checkpoint as torch_checkpoint
 
 from bigtrain.parallel.dims import ParallelDims
-from bigtrain.parallel.mappings import _all_gather_single
+from bigtrain.parallel.mappings import all_gather
 from bigtrain.parallel.random import RNGTracker, get_default_rng_state, set_default_rng_state
 
 _RECOMPUTING = contextvars.ContextVar("bigtrain_recomputing", default=False)
@@ -135,8 +135,6 @@ class Stash:
         return piece
 
     def _gather(self, piece: torch.Tensor, shape) -> torch.Tensor:
-        tp = self._partition.tp
-        full = piece.new_empty(tp * piece.numel())  # (tp * ceil(n / tp),), rank-major
-        _all_gather_single(full, piece.contiguous(), group=self._partition.tp_group)
+        full = all_gather(piece, 0, self._partition.tp_group)  # (tp * ceil(n / tp),), rank order
         return full[:shape.numel()].view(shape)
 

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from bigtrain.errors import UserError
+from bigtrain.safe_load import load_tensors
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
 
@@ -240,11 +241,7 @@ def read_rank_file(ckpt: str | Path, rank: int) -> dict:
     path = Path(ckpt) / f"rank{rank:05d}.pt"
     if not path.is_file():
         raise UserError(f"checkpoint {str(ckpt)!r} has no file for rank {rank} ({path.name})")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - truncated zip, wrong format, unsafe pickle...
-        raise UserError(f"checkpoint file {str(path)!r} is corrupt or unreadable: {type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    return load_tensors(path)
 
 
 def load_model_state(model: nn.Module, saved: dict, source: str) -> None:

@@ -33,6 +33,7 @@ from bigtrain.optim import build_optimizer, set_lr
 from bigtrain.parallel.dims import ParallelDims
 from bigtrain.parallel.layers import is_sharded
 from bigtrain.parallel.parallelize import clip_grad_norm, sync_sequence_parallel_grads
+from bigtrain.safe_load import check_deepspeed_dir, deepspeed_checkpoint_engine
 
 
 class TorchEngine:
@@ -165,6 +166,9 @@ class DeepSpeedEngine:
         optimizer = build_optimizer(module, cfg.optim)
         self.model, self.optimizer, _, _ = deepspeed.initialize(
             model=module, optimizer=optimizer, config=ds_config, mpu=MPU(dims), dist_init_required=False)
+        # DeepSpeed's checkpoint engine loads with weights_only=False: a hostile file in a run
+        # directory would run code on resume. Ours loads with weights_only=True (same file format).
+        self.model.checkpoint_engine = deepspeed_checkpoint_engine(self.model._config)
 
     def accumulate(self, last: bool):
         return contextlib.nullcontext()  # the engine knows its accumulation boundary itself
@@ -203,6 +207,9 @@ class DeepSpeedEngine:
         if not (directory / self.TAG).is_dir():
             raise UserError(f"checkpoint {str(directory)!r} has no DeepSpeed state; it was written by "
                             f"parallel.engine=ddp — resume it with that engine")
+        # Every rank refuses a hostile or corrupt file alike before any rank starts the
+        # collective load (a rank that raised inside it would leave its peers waiting).
+        check_deepspeed_dir(directory / self.TAG)
         self.model.load_checkpoint(str(directory), tag=self.TAG, load_module_strict=True,
                                    load_optimizer_states=True, load_lr_scheduler_states=False)
 

@@ -30,9 +30,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bigtrain import plan as P  # noqa: E402
+from bigtrain import planner as P  # noqa: E402
+from bigtrain.job import resolve  # noqa: E402
 from bigtrain.config import load_config  # noqa: E402
-from bigtrain.recompute.policy import spans as spans_of  # noqa: E402
+from bigtrain.recompute.policy import spans_of  # noqa: E402
 from bigtrain.trainer import Trainer  # noqa: E402
 
 GiB = 2**30
@@ -81,9 +82,9 @@ def run(config: str, overrides: list[str], steps: int) -> dict:
     tps = tokens / step
     peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
     mfu = trainer._mfu(tps)
-    plan_spans = trainer.recompute_plan or spans_of(cfg.recompute, cfg.model.n_layers)
+    plan_spans = trainer.recompute_spans or spans_of(cfg.recompute, cfg.model.n_layers)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    est = P.estimate(cfg, P.layout_of(cfg, 1, device), plan_spans)
+    est = P.estimate(resolve(trainer.cfg, 1, device), plan_spans)
     del trainer
     return {"step_s": step, "tokens_per_s": tps, "mfu": mfu, "peak": peak, "predicted": est.peak,
             "predicted_phase": est.peak_phase, "policy": P.mixed_name(plan_spans), "kept_host": est.host}

@@ -20,14 +20,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bigtrain import plan as P  # noqa: E402
+from bigtrain import planner as P  # noqa: E402
+from bigtrain.job import resolve  # noqa: E402
 from bigtrain.config import load_config  # noqa: E402
 from bigtrain.model import build_model, init_weights  # noqa: E402
 from bigtrain.parallel.dims import ParallelDims  # noqa: E402
 from bigtrain.parallel.loss import cross_entropy  # noqa: E402
 from bigtrain.recompute import ActivationAccountant, apply_recompute  # noqa: E402
 from bigtrain.recompute.accounting import outside_tensors  # noqa: E402
-from bigtrain.recompute.policy import spans as spans_of  # noqa: E402
+from bigtrain.recompute.policy import spans_of  # noqa: E402
 
 MiB, GiB = 2**20, 2**30
 MODES = {
@@ -53,16 +54,16 @@ def activations(preset: str, seq: int) -> list[str]:
     for mode, extra in MODES.items():
         cfg = load_config(preset, ["train.dtype=fp32", "model.dropout=0.0", "model.vocab_size=4096",
                                    f"train.seq_len={seq}", "train.micro_batch_size=1", "train.global_batch_size=1", *extra])
-        lay = P.layout_of(cfg, 1, "cpu")
+        lay = resolve(cfg, 1, "cpu")
         model = init_weights(apply_recompute(build_model(cfg.model), ParallelDims.single(), cfg.recompute), seed=0)
         tokens = torch.randint(0, 4096, (1, seq + 1))
         with ActivationAccountant(model) as acc:
             loss = cross_entropy(model(tokens[:, :-1]), tokens[:, 1:], None, 4096)
         loss.backward()
-        est = P.estimate(cfg, lay, spans_of(cfg.recompute, cfg.model.n_layers))
+        est = P.estimate(lay, spans_of(cfg.recompute, cfg.model.n_layers))
         dev = sum(b.device for b in acc.report.blocks.values())
         host = sum(b.host for b in acc.report.blocks.values())
-        out_pred = sum(outside_tensors(lay.shape, lay.vocab).values())
+        out_pred = sum(outside_tensors(lay.shape, lay.padded_vocab).values())
         rows.append(f"| {Path(preset).stem} | {mode} | {est.activations / MiB:.2f} | {dev / MiB:.2f} | "
                     f"{est.host / MiB:.2f} | {host / MiB:.2f} | "
                     f"{out_pred / MiB:.2f} | {acc.report.outside.device / MiB:.2f} | "
@@ -92,9 +93,9 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for case, extra in FAKE.items():
         cfg = load_config("configs/llama-1b.yaml", ["train.dtype=fp32", *extra])
-        est = P.estimate(cfg, P.layout_of(cfg, 1, "cpu"), spans_of(cfg.recompute, cfg.model.n_layers))
+        est = P.estimate(resolve(cfg, 1, "cpu"), spans_of(cfg.recompute, cfg.model.n_layers))
         t0 = time.perf_counter()
-        fake = P.fake_peak(cfg, steps=2)["Total"]
+        fake = P.fake_peak(resolve(cfg, 1, "cpu"), steps=2)["Total"]
         print(f"| {case} | {est.peak / GiB:.3f} | {est.peak_phase} | {fake / GiB:.3f} | {est.peak / fake:.4f} | "
               f"{time.perf_counter() - t0:.0f} |", flush=True)
 

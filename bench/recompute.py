@@ -207,9 +207,9 @@ def build(cfg: ModelConfig, dims: ParallelDims, mode: Mode, device, ref=None, ds
     """The model of `mode`: plain -> TP -> recompute policy -> weights (ref's, or fresh from SEED)."""
     model = build_model(cfg)  # meta
     if dims.tp > 1:
-        parallelize(model, dims, sequence_parallel=False, rng=seed_rng(SEED, dims))
+        parallelize(model, dims, rng=seed_rng(SEED, dims))
     if mode.rc is not None:
-        apply_recompute(model, dims, mode.rc, sequence_parallel=False)
+        apply_recompute(model, dims, mode.rc)
     if ref is None:
         init_weights(model, seed=SEED, device=device)
     else:
@@ -514,7 +514,7 @@ def count_flops(cfg: ModelConfig, dims: ParallelDims, mode: Mode, b: int, s: int
     with FakeTensorMode():
         model = build_model(cfg, device="cpu")  # fake parameters: no memory, no init needed
         if mode.rc is not None:
-            apply_recompute(model, dims, mode.rc, sequence_parallel=False)
+            apply_recompute(model, dims, mode.rc)
         if mode.foreign == "torch":
             model.block_runner = TorchCheckpointRunner(model.layers)
         model.train()
@@ -649,9 +649,9 @@ def tp2_worker(rank: int, world: int, spec: dict) -> dict:
             logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
             deepspeed.init_distributed(dist_backend="gloo")
             from deepspeed import checkpointing as dsc
-            from bigtrain.parallel.engine import MPU
+            from bigtrain.engines import MPU
 
-            ds = (dsc, MPU(dims))
+            ds = (dsc, MPU(dims, dims.new_self_group()))
         except Exception as e:  # noqa: BLE001
             ds_note = f"DeepSpeed could not be set up: {_short_error(e)}"
     bench = Bench(cfg, dims, torch.device("cpu"), spec["b"], spec["s"], autocast=False)

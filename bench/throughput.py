@@ -55,10 +55,9 @@ def run_layout(config: str, nproc: int, overrides: list[str], steps: int, thread
 def flops_check(config: str, overrides: list[str]) -> tuple[float, float]:
     from bigtrain.config import load_config
     from bigtrain.model import build_model, flops_per_token, init_weights
-    from bigtrain.trainer import resolve_vocab
+    from bigtrain.job import resolve
 
-    cfg = load_config(config, overrides)
-    resolve_vocab(cfg)
+    cfg = resolve(load_config(config, overrides), 1, "cpu").cfg  # model.vocab_size from the data
     model = init_weights(build_model(cfg.model), seed=0)
     b, s = cfg.train.micro_batch_size, cfg.train.seq_len
     x = torch.randint(0, cfg.model.vocab_size, (b, s))

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from bigtrain.errors import UserError
+from bigtrain.parallel.layers import full_from_shards, full_shape, my_slice, shard_of
 from bigtrain.safe_load import load_tensors
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
@@ -91,8 +92,8 @@ def shard_meta(model: nn.Module) -> dict:
     """{name: {"shard_dim": int | None, "full_shape": [...]}} for every parameter."""
     meta = {}
     for name, p in model.named_parameters():
-        meta[name] = {"shard_dim": getattr(p, "shard_dim", None),
-                      "full_shape": list(getattr(p, "full_shape", p.shape))}
+        s = shard_of(p)
+        meta[name] = {"shard_dim": s.dim if s is not None else None, "full_shape": list(full_shape(p))}
     return meta
 
 
@@ -263,12 +264,11 @@ def load_model_state(model: nn.Module, saved: dict, source: str) -> None:
 
 def unshard(pieces: list[torch.Tensor], info: dict) -> torch.Tensor:
     """One full (unsharded, unpadded) tensor from the tensor-parallel ranks' pieces, in tp-rank
-    order: concatenated along shard_dim and cut to the full size (vocab padding sits at the end).
-    Replicated tensors are taken from tp rank 0."""
+    order (vocab padding sits at the end); replicated tensors are taken from tp rank 0."""
     dim = info["shard_dim"]
     if dim is None:
         return pieces[0]
-    return torch.cat(pieces, dim=dim).narrow(dim, 0, info["full_shape"][dim]).contiguous()
+    return full_from_shards(pieces, dim, info["full_shape"][dim]).contiguous()
 
 
 def full_tensors(shards: list[dict], meta: dict) -> dict:
@@ -279,14 +279,13 @@ def full_tensors(shards: list[dict], meta: dict) -> dict:
 def reshard(path: str | Path, manifest: dict, module: nn.Module) -> tuple[dict, dict]:
     """(model state, optimizer state by name) for this rank of `module`'s layout, from a checkpoint
     written at another tp/dp layout: rebuild every full tensor from the saved TP group of
-    data-parallel rank 0, then cut this rank's slice with the parameter's own shard_of."""
+    data-parallel rank 0, then cut this rank's slice with the parameter's own Shard."""
     states = [read_rank_file(path, r) for r in range(manifest["tp"])]
     meta = states[0]["shards"]
     params = dict(module.named_parameters())
 
     def mine(name: str, full: torch.Tensor) -> torch.Tensor:
-        shard_of = getattr(params[name], "shard_of", None) if name in params else None
-        return shard_of(full) if shard_of is not None else full
+        return my_slice(params[name], full) if name in params else full
 
     model = {n: mine(n, t) for n, t in full_tensors([s["model"] for s in states], meta).items()}
     optim = {"groups": states[0]["optim"]["groups"], "state": {}}

@@ -82,73 +82,88 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
-    if args.command == "prepare":
-        from bigtrain.data.prepare import prepare
+    commands = {"prepare": _prepare, "train": _train, "plan": _plan, "sample": _sample,
+                "export-hf": _export_hf, "import-hf": _import_hf, "config": _config}
+    return commands[args.command](args)
 
-        prepare(args.corpus or None, args.out, vocab_size=args.vocab_size, model_type=args.model_type,
-                val_fraction=args.val_fraction, text_field=args.text_field)
-        return 0
-    if args.command == "train":
-        from bigtrain.config import load_config
 
-        cfg = load_config(args.config, args.overrides)
-        from bigtrain.distributed import teardown
-        from bigtrain.trainer import Trainer
+def _prepare(args) -> int:
+    from bigtrain.data.prepare import prepare
 
-        try:
-            Trainer(cfg).train()
-        finally:
-            teardown()
-        return 0
-    if args.command == "plan":
-        import json
+    prepare(args.corpus or None, args.out, vocab_size=args.vocab_size, model_type=args.model_type,
+            val_fraction=args.val_fraction, text_field=args.text_field)
+    return 0
 
-        from bigtrain import plan
-        from bigtrain.config import load_config, parse_bytes
 
-        cfg = load_config(args.config, args.overrides)
-        world = args.nproc or cfg.parallel.tp * max(1, cfg.parallel.dp)
-        if world < 1:
-            from bigtrain.errors import UserError
+def _train(args) -> int:
+    from bigtrain.config import load_config
 
-            raise UserError(f"--nproc {world} must be >= 1")
-        budget = parse_bytes(args.gpu_memory or cfg.hardware.gpu_memory)
-        rep = plan.report(cfg, world, budget, args.device)
-        print(json.dumps(rep, indent=1) if args.json else plan.format_report(rep))
-        if args.plot:
-            plan.plot(rep, args.plot)
-            if not args.json:
-                print(f"wrote {args.plot}")
-        return 0
-    if args.command == "sample":
-        from bigtrain.sample import sample
+    cfg = load_config(args.config, args.overrides)
+    from bigtrain.distributed import teardown
+    from bigtrain.trainer import Trainer
 
-        print(sample(args.run, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
-                     args.seed, args.step))
-        return 0
-    if args.command == "export-hf":
-        from bigtrain.hf import export_hf
+    try:
+        Trainer(cfg).train()
+    finally:
+        teardown()
+    return 0
 
-        print(f"wrote {export_hf(args.run, args.out, args.step, args.dtype)}")
-        return 0
-    if args.command == "import-hf":
-        from bigtrain.hf import import_hf
 
-        out = import_hf(args.model, args.out, args.data)
-        data = "" if args.data else " data.path=DIR"
-        print(f"wrote {out}; continue pretraining with: bigtrain train --config {out / 'config.yaml'}{data}")
-        return 0
-    if args.command == "config":
-        from bigtrain.config import dump_yaml, load_config, reference
+def _plan(args) -> int:
+    import json
 
-        if args.doc:
-            print("| key | default | meaning |\n|---|---|---|")
-            for key, default, doc in reference():
-                print(f"| `{key}` | `{default}` | {doc} |")
-        else:
-            print(dump_yaml(load_config(args.config, args.overrides)), end="")
-        return 0
-    raise AssertionError(args.command)
+    from bigtrain import planner
+    from bigtrain.config import load_config, parse_bytes
+    from bigtrain.errors import UserError
+    from bigtrain.job import resolve
+
+    cfg = load_config(args.config, args.overrides)
+    world = args.nproc or cfg.parallel.tp * max(1, cfg.parallel.dp)
+    if world < 1:
+        raise UserError(f"--nproc {world} must be >= 1")
+    budget = parse_bytes(args.gpu_memory or cfg.hardware.gpu_memory)
+    rep = planner.report(resolve(cfg, world, args.device), budget)
+    print(json.dumps(rep, indent=1) if args.json else planner.format_report(rep))
+    if args.plot:
+        planner.plot(rep, args.plot)
+        if not args.json:
+            print(f"wrote {args.plot}")
+    return 0
+
+
+def _sample(args) -> int:
+    from bigtrain.sample import sample
+
+    print(sample(args.run, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed, args.step))
+    return 0
+
+
+def _export_hf(args) -> int:
+    from bigtrain.hf import export_hf
+
+    print(f"wrote {export_hf(args.run, args.out, args.step, args.dtype)}")
+    return 0
+
+
+def _import_hf(args) -> int:
+    from bigtrain.hf import import_hf
+
+    out = import_hf(args.model, args.out, args.data)
+    data = "" if args.data else " data.path=DIR"
+    print(f"wrote {out}; continue pretraining with: bigtrain train --config {out / 'config.yaml'}{data}")
+    return 0
+
+
+def _config(args) -> int:
+    from bigtrain.config import dump_yaml, load_config, reference
+
+    if args.doc:
+        print("| key | default | meaning |\n|---|---|---|")
+        for key, default, doc in reference():
+            print(f"| `{key}` | `{default}` | {doc} |")
+    else:
+        print(dump_yaml(load_config(args.config, args.overrides)), end="")
+    return 0
 
 
 if __name__ == "__main__":

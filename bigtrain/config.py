@@ -98,12 +98,14 @@ class ParallelConfig:
     """DeepSpeed ZeRO stage (1, 2 or 3) when engine is deepspeed."""
     offload_optimizer: bool = False
     """DeepSpeed: keep optimizer states in host memory."""
+    zero3_persistence_threshold: int = 100000
+    """DeepSpeed ZeRO-3: parameters with fewer elements than this stay whole on every rank (DeepSpeed's stage3_param_persistence_threshold; 0 partitions every parameter)."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """Process-group backend; auto is nccl with CUDA, gloo on CPU."""
 
     def validate(self) -> None:
         _positive(self, "tp")
-        _nonnegative(self, "dp")
+        _nonnegative(self, "dp", "zero3_persistence_threshold")
         if self.zero_stage not in (1, 2, 3):
             raise ConfigError(f"parallel.zero_stage={self.zero_stage} is not allowed; choose 1, 2 or 3")
         if self.sequence_parallel and self.tp == 1:

@@ -1,7 +1,7 @@
 """Process-group setup from torchrun or SLURM variables, with a single-device fallback.
 
-Nothing here is stored in module globals: `init_distributed` returns the `ParallelDims` that the
-rest of the program passes around.
+Nothing here is stored in module globals: `init_process_groups` returns the `ParallelDims` that
+the rest of the program passes around.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import torch.distributed as dist
 
 from bigtrain.config import Config
 from bigtrain.errors import UserError
-from bigtrain.parallel.dims import ParallelDims, check_layout
+from bigtrain.job import Job
+from bigtrain.parallel.dims import ParallelDims
 
 
 def env_ranks() -> tuple[int, int, int]:
@@ -42,22 +43,25 @@ def select_device(cfg: Config, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def init_distributed(cfg: Config) -> tuple[ParallelDims, torch.device]:
-    """Validate the layout, create the process groups (if more than one process) and pick the device."""
-    if dist.is_initialized():  # the caller (a test, a notebook) already made the default group
-        world, rank, local_rank = dist.get_world_size(), dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0))
-    else:
-        world, rank, local_rank = env_ranks()
-    check_layout(world, cfg.parallel.tp, cfg.parallel.dp)  # before any collective: fail fast, clearly
-    device = select_device(cfg, local_rank)
-    sp = cfg.parallel.sequence_parallel
-    if world == 1 and cfg.parallel.engine != "deepspeed":
-        return ParallelDims.single(), device
-    backend = cfg.parallel.backend
+def process_env() -> tuple[int, int, int]:
+    """(world_size, rank, local_rank) of this process: from an existing default process group
+    (a test, a notebook), else from the launcher's variables. No collective."""
+    if dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0))
+    return env_ranks()
+
+
+def init_process_groups(job: Job, rank: int, device: torch.device) -> ParallelDims:
+    """The default process group (unless the caller made one) and the job's tp/dp groups.
+    Collective; call it only after resolve() has validated the layout, so a bad layout fails
+    on every rank alike before any rank waits for another."""
+    if job.world == 1 and job.cfg.parallel.engine != "deepspeed":
+        return ParallelDims.single()
+    backend = job.cfg.parallel.backend
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
-        if world == 1:  # DeepSpeed wants a process group even for one process
+        if job.world == 1:  # DeepSpeed wants a process group even for one process
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
             os.environ.setdefault("RANK", "0")
@@ -65,7 +69,7 @@ def init_distributed(cfg: Config) -> tuple[ParallelDims, torch.device]:
             os.environ.setdefault("LOCAL_RANK", "0")
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30),
                                 device_id=device if device.type == "cuda" else None)
-    return ParallelDims.build(world, rank, cfg.parallel.tp, cfg.parallel.dp, sequence_parallel=sp), device
+    return ParallelDims.build(job.world, rank, job.tp, job.dp, sequence_parallel=job.sp)
 
 
 def _free_port() -> int:

@@ -385,21 +385,3 @@ def import_hf(model_dir: str | Path, out: str | Path, data: str | None = None) -
     ckpt.save_checkpoint(out, 0, {"model": state, "shards": shards, "step": 0}, manifest, one, keep_last=0)
     (out / "config.yaml").write_text(dump_yaml(cfg))
     return out
-
-
-def is_weights_only(path: str | Path) -> bool:
-    """Whether a checkpoint holds model weights only (written by import-hf)."""
-    return bool(ckpt.read_manifest(path).get("weights_only", False))
-
-
-def load_weights(module: torch.nn.Module, path: str | Path) -> None:
-    """Copy a checkpoint's model weights (any layout) into `module` (any layout): full tensors,
-    then each parameter's own tensor-parallel slice."""
-    manifest = ckpt.read_manifest(path)
-    params = dict(module.named_parameters())
-    full = ckpt.full_model_state(path, manifest)
-    mine = {}
-    for name, t in full.items():
-        shard_of = getattr(params[name], "shard_of", None) if name in params else None
-        mine[name] = shard_of(t) if shard_of is not None else t
-    ckpt.load_model_state(module, mine, str(path))

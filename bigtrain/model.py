@@ -20,6 +20,10 @@ from torch import nn
 
 from bigtrain.config import ModelConfig
 
+# What tensor parallelism records on a parameter (bigtrain.parallel): its Shard, and whether its
+# gradient is a partial sum over the sequence slices. The model itself never sets them.
+TP_SHARD, SEQUENCE_PARALLEL = "tp_shard", "sequence_parallel"
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -212,33 +216,34 @@ def full_init(name: str, shape: tuple[int, ...], cfg: ModelConfig, seed: int) ->
 def init_weights(model: Transformer, seed: int, device: torch.device | str = "cpu") -> Transformer:
     """Materialise a (possibly meta) model on `device` and initialise it from `seed`.
 
-    Parameters that tensor parallelism has sharded carry a `shard_of` callable that cuts this
-    rank's slice out of the full tensor; plain parameters take the full tensor.
+    Parameters that tensor parallelism has sharded carry a Shard (bigtrain.parallel.layers)
+    that cuts this rank's slice out of the full tensor; plain parameters take the full tensor.
     """
     _to_empty(model, device)
     for name, p in model.named_parameters():  # tied weights appear once
-        full = full_init(name, tuple(getattr(p, "full_shape", p.shape)), model.cfg, seed)
-        shard_of = getattr(p, "shard_of", None)
-        p.copy_(shard_of(full) if shard_of is not None else full)
+        shard = getattr(p, TP_SHARD, None)
+        full = full_init(name, shard.full_shape if shard is not None else tuple(p.shape), model.cfg, seed)
+        p.copy_(shard(full) if shard is not None else full)
     model.reset_rope(device=device)
     return model
 
 
 def _to_empty(model: nn.Module, device) -> None:
     """Module.to_empty, keeping what it would lose: tied parameters stay one Parameter, and the
-    attributes tensor parallelism sets on parameters (shard_of, full_shape, ...) carry over."""
+    two records tensor parallelism puts on parameters (TP_SHARD, SEQUENCE_PARALLEL) carry over."""
     slots = {}  # id(old param) -> [(module, name)], in module order
     extras = {}
     for mod in model.modules():
         for name, p in mod._parameters.items():
             if p is not None:
                 slots.setdefault(id(p), []).append((mod, name))
-                extras[id(p)] = dict(p.__dict__)
+                extras[id(p)] = {k: getattr(p, k) for k in (TP_SHARD, SEQUENCE_PARALLEL) if hasattr(p, k)}
     model.to_empty(device=device)
     for key, refs in slots.items():
         first_mod, first_name = refs[0]
         new = first_mod._parameters[first_name]
-        new.__dict__.update(extras[key])
+        for k, v in extras[key].items():
+            setattr(new, k, v)
         for mod, name in refs[1:]:
             mod._parameters[name] = new
 
@@ -249,10 +254,11 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "meta") -> Transf
         return Transformer(cfg)
 
 
-def count_params(model: nn.Module, exclude_embedding: bool = False) -> int:
+def count_params(model: nn.Module) -> int:
+    """Parameters of this rank's model, tied weights once."""
     seen, n = set(), 0
-    for name, p in model.named_parameters():
-        if id(p) in seen or (exclude_embedding and name.startswith("tok_embeddings")):
+    for p in model.parameters():
+        if id(p) in seen:
             continue
         seen.add(id(p))
         n += p.numel()

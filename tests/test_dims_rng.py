@@ -96,12 +96,12 @@ def test_padded_vocab_and_note():
 def test_parallel_dims_rank_arithmetic():
     # rank = dp_rank * tp + tp_rank: TP groups adjacent, DP groups strided
     d = ParallelDims(world_size=8, rank=5, tp=2, dp=4)
-    assert (d.tp_rank, d.dp_rank, d.tp_ranks, d.dp_ranks) == (1, 2, [4, 5], [1, 3, 5, 7])
+    assert (d.tp_rank, d.dp_rank) == (1, 2)
     d = ParallelDims(world_size=8, rank=6, tp=4, dp=2)
-    assert (d.tp_rank, d.dp_rank, d.tp_ranks, d.dp_ranks) == (2, 1, [4, 5, 6, 7], [2, 6])
+    assert (d.tp_rank, d.dp_rank) == (2, 1)
     s = ParallelDims.single()
     assert (s.world_size, s.rank, s.tp, s.dp, s.tp_rank, s.dp_rank) == (1, 0, 1, 1, 0, 0)
-    assert s.tp_group is None and s.dp_group is None and s.tp_ranks == [0] and s.dp_ranks == [0]
+    assert s.tp_group is None and s.dp_group is None
 
 
 def test_build_rejects_before_any_collective():
@@ -119,7 +119,7 @@ def _build_layouts(rank, world, layouts):
     for tp, dp, sp in layouts:  # every rank builds every layout, in the same order (new_group is collective)
         dims = ParallelDims.build(world, rank, tp, dp, sequence_parallel=sp)
         got = {"tp": dims.tp, "dp": dims.dp, "tp_rank": dims.tp_rank, "dp_rank": dims.dp_rank,
-               "tp_ranks": dims.tp_ranks, "dp_ranks": dims.dp_ranks, "sp": dims.sequence_parallel}
+               "sp": dims.sequence_parallel}
         for kind in ("tp", "dp"):
             group = getattr(dims, f"{kind}_group")
             if group is None:
@@ -147,9 +147,6 @@ def test_build_layout_on_4_ranks():
             assert (got["tp_rank"], got["dp_rank"]) == (rank % tp, rank // tp)
             assert got["tp_members"] == want_tp[(tp, dp)][rank], (tp, dp, rank, got)
             assert got["dp_members"] == want_dp[(tp, dp)][rank], (tp, dp, rank, got)
-            # the layout the properties document, whether or not a group exists
-            assert got["tp_ranks"] == (want_tp[(tp, dp)][rank] or [rank])
-            assert got["dp_ranks"] == (want_dp[(tp, dp)][rank] or [rank])
 
 
 # --------------------------------------------------------------------------------------------
@@ -375,11 +372,11 @@ def _train_with_dropout(rank, world, overrides):
     cross = core.forward(*theirs[1])  # rank 0's inputs under this rank's attention-dropout draw
     core.eval()
     no_dropout = core.forward(*a["qkv"])
-    with model.rng_tracker.fork(TP):
+    with trainer.rng.fork(TP):
         tp_draw = torch.rand(16)
     return {"losses": losses, "residual": seen["residual"], "own_replay_equal": torch.equal(own_replay, a["out"]),
             "dropout_active": not torch.equal(no_dropout, a["out"]), "cross_equals_rank0": torch.equal(cross, theirs[2]),
-            "tp_seed": model.rng_tracker.get_states()[TP]["seed"], "tp_draw": tp_draw,
+            "tp_seed": trainer.rng.get_states()[TP]["seed"], "tp_draw": tp_draw,
             "default_state": default_state}
 
 

@@ -118,10 +118,7 @@ DEEPSPEED = {
 def train_zero3_partitioned(rank, world, overrides):
     """train() with ZeRO-3 partitioning even the tiny test model's parameters (DeepSpeed keeps
     parameters under 100k elements whole by default, which would test nothing)."""
-    from bigtrain.parallel.engine import DeepSpeedEngine
-
-    DeepSpeedEngine.ZERO3_EXTRA = {"stage3_param_persistence_threshold": 0}
-    return train(rank, world, overrides)
+    return train(rank, world, [*overrides, "parallel.zero3_persistence_threshold=0"])
 
 
 @pytest.mark.parametrize("layout", list(DEEPSPEED))

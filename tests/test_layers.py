@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from bigtrain.parallel.dims import ParallelDims, padded_vocab
-from bigtrain.parallel.layers import (ColumnParallelLinear, RowParallelLinear, ShardOf, VocabParallelEmbedding,
-                                      full_from_shards, is_sharded, shard_parameter)
+from bigtrain.parallel.layers import (ColumnParallelLinear, RowParallelLinear, Shard, VocabParallelEmbedding,
+                                      full_from_shards, full_shape, is_sharded, shard_of, shard_parameter)
 from bigtrain.parallel.loss import cross_entropy
 from tests.multiproc import run_ranks
 
@@ -75,16 +75,15 @@ def _assert_zero(t, what):
 # The checks, each run on one rank against the local reference
 
 
-def check_column(dims, bias, gather_output, sp, pad_to=None, n_in=6, n_out=8):
+def check_column(dims, bias, sp, pad_to=None, n_in=6, n_out=8):
     tp, r, seed = dims.tp, dims.tp_rank, 1000 * dims.dp_rank
     padded = pad_to or n_out
     lin = _linear(n_in, n_out, bias, seed)
-    col = ColumnParallelLinear(copy.deepcopy(lin), dims, sequence_parallel=sp, gather_output=gather_output,
-                               pad_to=pad_to)
+    col = ColumnParallelLinear(copy.deepcopy(lin), dims, sequence_parallel=sp, pad_to=pad_to)
     local = padded // tp
     n_real = max(0, min(local, n_out - r * local))  # columns of this rank before the padding
-    assert col.weight.shape == (local, n_in) and col.weight.full_shape == (n_out, n_in)
-    assert torch.equal(col.weight, ShardOf(0, padded, tp, r)(lin.weight))
+    assert col.weight.shape == (local, n_in) and full_shape(col.weight) == (n_out, n_in)
+    assert torch.equal(col.weight, Shard(0, padded, tp, r)(lin.weight))
 
     x = _rand((B, S, n_in), seed + 1)
     g_padded = _rand((B, S, padded), seed + 2)  # nonzero upstream gradient in the padding columns too
@@ -96,16 +95,11 @@ def check_column(dims, bias, gather_output, sp, pad_to=None, n_in=6, n_out=8):
 
     xp = (_seq(x, dims) if sp else x).clone().requires_grad_(True)
     y = col(xp)
-    if gather_output:
-        assert y.shape == (B, S, n_out)
-        torch.testing.assert_close(y, yr, **TOL)
-        y.backward(g)
-    else:
-        assert y.shape == (B, S, local)
-        want = yr.detach()[..., r * local:r * local + n_real]
-        torch.testing.assert_close(y[..., :n_real], want, **TOL)
-        assert torch.equal(y[..., n_real:], torch.full_like(y[..., n_real:], float("-inf")))
-        y.backward(g_padded[..., r * local:(r + 1) * local])
+    assert y.shape == (B, S, local)
+    want = yr.detach()[..., r * local:r * local + n_real]
+    torch.testing.assert_close(y[..., :n_real], want, **TOL)
+    assert torch.equal(y[..., n_real:], torch.full_like(y[..., n_real:], float("-inf")))
+    y.backward(g_padded[..., r * local:(r + 1) * local])
 
     torch.testing.assert_close(xp.grad, _seq(xr.grad, dims) if sp else xr.grad, **TOL)
     _assert_zero(col.weight.grad[n_real:], "padding rows' weight gradient")
@@ -117,11 +111,11 @@ def check_column(dims, bias, gather_output, sp, pad_to=None, n_in=6, n_out=8):
         assert col.bias is None
 
 
-def check_row(dims, bias, input_is_parallel, sp, n_in=8, n_out=6):
+def check_row(dims, bias, sp, n_in=8, n_out=6):
     tp, r, seed = dims.tp, dims.tp_rank, 1000 * dims.dp_rank + 10
     lin = _linear(n_in, n_out, bias, seed)
-    row = RowParallelLinear(copy.deepcopy(lin), dims, sequence_parallel=sp, input_is_parallel=input_is_parallel)
-    assert torch.equal(row.weight, ShardOf(1, n_in, tp, r)(lin.weight))
+    row = RowParallelLinear(copy.deepcopy(lin), dims, sequence_parallel=sp)
+    assert torch.equal(row.weight, Shard(1, n_in, tp, r)(lin.weight))
 
     x = _rand((B, S, n_in), seed + 1)
     g = _rand((B, S, n_out), seed + 2)
@@ -129,12 +123,12 @@ def check_row(dims, bias, input_is_parallel, sp, n_in=8, n_out=6):
     yr = lin(xr)
     yr.backward(g)
 
-    xp = (x.chunk(tp, -1)[r] if input_is_parallel else x).clone().requires_grad_(True)
+    xp = x.chunk(tp, -1)[r].clone().requires_grad_(True)
     y = row(xp)
     torch.testing.assert_close(y, _seq(yr, dims) if sp else yr, **TOL)
     y.backward(_seq(g, dims) if sp else g)
 
-    torch.testing.assert_close(xp.grad, xr.grad.chunk(tp, -1)[r] if input_is_parallel else xr.grad, **TOL)
+    torch.testing.assert_close(xp.grad, xr.grad.chunk(tp, -1)[r], **TOL)
     torch.testing.assert_close(_gather_shards(row.weight.grad, dims, 1, n_in), lin.weight.grad, **TOL)
     if bias:
         # replicated; under SP each rank saw only its sequence slice: a partial sum over TP
@@ -154,9 +148,9 @@ def check_embedding(dims, vocab, sp, h=5):
     emb = nn.Embedding(vocab, h)
     par = VocabParallelEmbedding(copy.deepcopy(emb), dims, sequence_parallel=sp)
     local = padded // tp
-    assert par.weight.shape == (local, h) and par.weight.tp_padded == padded
+    assert par.weight.shape == (local, h) and shard_of(par.weight).padded == padded
     assert (par.vocab_start, par.vocab_end) == (r * local, (r + 1) * local)
-    assert torch.equal(par.weight, ShardOf(0, padded, tp, r)(emb.weight))  # zero padding rows
+    assert torch.equal(par.weight, Shard(0, padded, tp, r)(emb.weight))  # zero padding rows
 
     ids = _ids((B, S), vocab, seed + 1)
     g = _rand((B, S, h), seed + 2)
@@ -166,7 +160,7 @@ def check_embedding(dims, vocab, sp, h=5):
     out = par(ids)
     assert torch.equal(out, _seq(out_r, dims) if sp else out_r)  # one rank's row plus exact zeros
     out.backward(_seq(g, dims) if sp else g)
-    assert torch.equal(par.weight.grad, ShardOf(0, padded, tp, r)(emb.weight.grad))  # padding rows: 0
+    assert torch.equal(par.weight.grad, Shard(0, padded, tp, r)(emb.weight.grad))  # padding rows: 0
     assert torch.equal(_gather_shards(par.weight.grad, dims, 0, vocab), emb.weight.grad)
 
 
@@ -249,17 +243,14 @@ def _run(world, tp, cases):
 
 
 def test_column_parallel_linear():
-    cases = [("column", dict(bias=bias, gather_output=gather, sp=sp))
-             for bias, gather, sp in itertools.product([False, True], repeat=3)]
+    cases = [("column", dict(bias=bias, sp=sp)) for bias, sp in itertools.product([False, True], repeat=2)]
     # an output padded past out_features (tp divides pad_to, not out_features)
-    cases += [("column", dict(bias=bias, gather_output=gather, sp=False, n_out=7, pad_to=8))
-              for bias, gather in itertools.product([False, True], repeat=2)]
+    cases += [("column", dict(bias=bias, sp=False, n_out=7, pad_to=8)) for bias in (False, True)]
     _run(2, 2, cases)
 
 
 def test_row_parallel_linear():
-    cases = [("row", dict(bias=bias, input_is_parallel=parallel, sp=sp))
-             for bias, parallel, sp in itertools.product([False, True], repeat=3)]
+    cases = [("row", dict(bias=bias, sp=sp)) for bias, sp in itertools.product([False, True], repeat=2)]
     _run(2, 2, cases)
 
 
@@ -280,15 +271,15 @@ def test_padded_output_layer():
     unpadded vocab (the pad_to column cases of test_column_parallel_linear check the first two
     with a nonzero upstream gradient in the padding columns)."""
     _run(2, 2, [("output_layer", dict(vocab=7)), ("output_layer", dict(vocab=8)),
-                ("column", dict(bias=True, gather_output=False, sp=True, n_out=7, pad_to=8))])
+                ("column", dict(bias=True, sp=True, n_out=7, pad_to=8))])
 
 
-WORLD4 = [("column", dict(bias=True, gather_output=False, sp=False)),
-          ("column", dict(bias=True, gather_output=True, sp=True)),
-          ("column", dict(bias=True, gather_output=False, sp=False, n_out=10, pad_to=12)),
-          ("row", dict(bias=True, input_is_parallel=True, sp=False)),
-          ("row", dict(bias=True, input_is_parallel=True, sp=True)),
-          ("row", dict(bias=False, input_is_parallel=False, sp=True)),
+WORLD4 = [("column", dict(bias=True, sp=False)),
+          ("column", dict(bias=True, sp=True)),
+          ("column", dict(bias=True, sp=False, n_out=10, pad_to=12)),
+          ("row", dict(bias=True, sp=False)),
+          ("row", dict(bias=True, sp=True)),
+          ("row", dict(bias=False, sp=True)),
           ("embedding", dict(vocab=10, sp=False)),   # padded to 12 at tp=4
           ("embedding", dict(vocab=9, sp=True)),     # tp=4: rank 3 holds only padding rows
           ("cross_entropy", dict(vocab=10)),
@@ -326,7 +317,7 @@ def test_cross_entropy_without_group():
 def test_shard_of_full_from_shards_round_trip(shape, dim, tp):
     full = _rand(shape, 0)
     padded = padded_vocab(shape[dim], tp)
-    shards = [ShardOf(dim, padded, tp, r)(full) for r in range(tp)]
+    shards = [Shard(dim, padded, tp, r)(full) for r in range(tp)]
     for r, shard in enumerate(shards):
         assert shard.shape[dim] == padded // tp
         start = r * (padded // tp)
@@ -343,12 +334,13 @@ def test_shard_parameter_contract():
         dims = ParallelDims(world_size=2, rank=r, tp=2)  # slicing needs no process group
         p = shard_parameter(nn.Parameter(full.clone()), 0, dims, padded=8)
         assert is_sharded(p) and isinstance(p, nn.Parameter) and p.requires_grad
-        assert (p.full_shape, p.shard_dim, p.tp_padded) == ((7, 4), 0, 8)
-        assert torch.equal(p, p.shard_of(full))
-        assert torch.equal(pickle.loads(pickle.dumps(p.shard_of))(full), p.detach())  # picklable
+        s = shard_of(p)
+        assert (s.full_shape, s.dim, s.padded) == ((7, 4), 0, 8)
+        assert torch.equal(p, s(full))
+        assert torch.equal(pickle.loads(pickle.dumps(s))(full), p.detach())  # picklable
         # a meta weight gives a meta shard of the right shape
         m = shard_parameter(nn.Parameter(torch.empty(7, 4, device="meta")), 0, dims, padded=8)
-        assert m.is_meta and m.shape == (4, 4) and m.full_shape == (7, 4)
+        assert m.is_meta and m.shape == (4, 4) and full_shape(m) == (7, 4)
     assert not is_sharded(nn.Parameter(full))
     with pytest.raises(ValueError, match=r"size 7 of dim 0 of a \(7, 4\) weight is not divisible by tp\(2\)"):
         shard_parameter(nn.Parameter(full), 0, ParallelDims(world_size=2, rank=0, tp=2))
@@ -362,8 +354,8 @@ def test_layers_built_on_meta_keep_the_contract():
         row = RowParallelLinear(nn.Linear(8, 6), dims)
         emb = VocabParallelEmbedding(nn.Embedding(7, 5), dims)
     assert col.weight.is_meta and col.weight.shape == (4, 6) and col.n_real == 3
-    assert col.bias.shape == (4,) and col.bias.full_shape == (7,)
-    assert row.weight.shape == (6, 4) and row.weight.shard_dim == 1 and not is_sharded(row.bias)
+    assert col.bias.shape == (4,) and full_shape(col.bias) == (7,)
+    assert row.weight.shape == (6, 4) and shard_of(row.weight).dim == 1 and not is_sharded(row.bias)
     assert emb.weight.shape == (4, 5) and (emb.vocab_start, emb.vocab_end) == (4, 8)
     with pytest.raises(ValueError, match="plain embeddings only"):
         VocabParallelEmbedding(nn.Embedding(8, 5, padding_idx=0), dims)

@@ -8,15 +8,17 @@ import json
 import pytest
 import torch
 
-from bigtrain import plan as P
+from bigtrain import planner as P
+from bigtrain.job import resolve
 from bigtrain.config import load_config
+from bigtrain.errors import UserError
 from bigtrain.model import build_model, init_weights
 from bigtrain.optim import build_optimizer
 from bigtrain.parallel.dims import ParallelDims
 from bigtrain.parallel.loss import cross_entropy
 from bigtrain.recompute import ActivationAccountant, apply_recompute
 from bigtrain.recompute.accounting import outside_tensors
-from bigtrain.recompute.policy import spans as spans_of
+from bigtrain.recompute.policy import spans_of
 from tests.conftest import TINY, run_cli
 from tests.multiproc import run_ranks
 
@@ -29,8 +31,8 @@ def _cfg(path, *overrides):
 
 def test_parameter_and_optimizer_bytes_are_exact():
     cfg = _cfg("configs/debug.yaml", "model.vocab_size=4096", "model.tie_embeddings=false")
-    lay = P.layout_of(cfg, 1, "cpu")
-    n = P.rank_params(cfg, lay)
+    lay = resolve(cfg, 1, "cpu")
+    n = P.rank_params(lay)
     model = init_weights(build_model(cfg.model), seed=0)
     real = {id(p): p for p in model.parameters()}.values()
     assert n.total == sum(p.numel() for p in real)
@@ -38,7 +40,7 @@ def test_parameter_and_optimizer_bytes_are_exact():
     opt = build_optimizer(model, cfg.optim)
     model(torch.randint(0, 4096, (1, 8))).sum().backward()
     opt.step()
-    states = P.model_states(cfg, lay, n)
+    states = P.model_states(lay, n)
     assert states.params == sum(p.numel() * p.element_size() for p in real)
     assert states.grads == sum(p.grad.numel() * p.grad.element_size() for p in real)
     moments = sum(t.numel() * t.element_size() for s in opt.state.values() for k, t in s.items() if k != "step")
@@ -57,7 +59,7 @@ def _tp2_params(rank, world):
 def test_parameter_count_at_tp2_is_exact():
     counts = run_ranks(_tp2_params, 2)
     cfg = _cfg("configs/debug.yaml", "model.vocab_size=4095", "parallel.tp=2")
-    assert P.rank_params(cfg, P.layout_of(cfg, 2, "cpu")).total == counts[0] == counts[1]
+    assert P.rank_params(resolve(cfg, 2, "cpu")).total == counts[0] == counts[1]
 
 
 MODES = {
@@ -74,17 +76,17 @@ def test_predicted_activations_equal_the_accountant(preset, mode):
     """Real tensors on the CPU (seq 128, micro-batch 1): blocks and what lies outside them."""
     cfg = _cfg(preset, "model.vocab_size=4096", "train.seq_len=128", "train.micro_batch_size=1",
                "train.global_batch_size=1", *MODES[mode])
-    lay = P.layout_of(cfg, 1, "cpu")
+    lay = resolve(cfg, 1, "cpu")
     model = init_weights(apply_recompute(build_model(cfg.model), ParallelDims.single(), cfg.recompute), seed=0)
     tokens = torch.randint(0, 4096, (1, 129))
     with ActivationAccountant(model) as acc:
         loss = cross_entropy(model(tokens[:, :-1]), tokens[:, 1:], None, 4096)
-    est = P.estimate(cfg, lay, spans_of(cfg.recompute, cfg.model.n_layers))
+    est = P.estimate(lay, spans_of(cfg.recompute, cfg.model.n_layers))
     measured = sum(b.device for b in acc.report.blocks.values())
     host = sum(b.host for b in acc.report.blocks.values())
     assert abs(est.activations - measured) <= 0.02 * max(measured, 1)
     assert abs((est.host - host)) <= 0.02 * max(host, 1)
-    assert abs(sum(outside_tensors(lay.shape, lay.vocab).values()) - acc.report.outside.device) <= 0.02 * acc.report.outside.device
+    assert abs(sum(outside_tensors(lay.shape, lay.padded_vocab).values()) - acc.report.outside.device) <= 0.02 * acc.report.outside.device
     loss.backward()
 
 
@@ -92,23 +94,23 @@ def test_predicted_activations_equal_the_accountant(preset, mode):
 def test_fake_tensor_peak_of_the_1b_preset_agrees():
     """The 1B preset's real step (2 steps: the second has optimizer states) under fake tensors."""
     cfg = _cfg("configs/llama-1b.yaml", "train.micro_batch_size=4", "train.global_batch_size=4")
-    est = P.estimate(cfg, P.layout_of(cfg, 1, "cpu"), spans_of(cfg.recompute, cfg.model.n_layers))
-    fake = P.fake_peak(cfg, steps=2)["Total"]
+    est = P.estimate(resolve(cfg, 1, "cpu"), spans_of(cfg.recompute, cfg.model.n_layers))
+    fake = P.fake_peak(resolve(cfg, 1, "cpu"), steps=2)["Total"]
     assert abs(est.peak - fake) <= 0.05 * fake, (est.peak / GiB, fake / GiB)
 
 
 def test_auto_beats_uniform_full_when_the_budget_allows():
     cfg = _cfg("configs/llama-7b.yaml", "train.micro_batch_size=8")
-    lay = P.layout_of(cfg, 8, "cuda")
-    full = P.estimate(cfg, lay, P.uniform("full", cfg.model.n_layers), "full")
-    none = P.estimate(cfg, lay, P.uniform("none", cfg.model.n_layers), "none")
+    lay = resolve(cfg, 8, "cuda")
+    full = P.estimate(lay, P.uniform("full", cfg.model.n_layers), "full")
+    none = P.estimate(lay, P.uniform("none", cfg.model.n_layers), "none")
     for budget in (full.peak + GiB, (full.peak + none.peak) / 2, none.peak - GiB):
-        chosen = P.choose_policy(cfg, lay, int(budget))
+        chosen = P.choose_policy(lay, int(budget))
         assert chosen.peak <= budget
         assert chosen.overhead < full.overhead  # cheaper than recomputing every block
-    assert P.choose_policy(cfg, lay, none.peak + GiB).policy == "none"
-    with pytest.raises(P.UserError, match=r"no activation policy fits 1\.0 GiB.*GiB over"):
-        P.choose_policy(cfg, lay, GiB)
+    assert P.choose_policy(lay, none.peak + GiB).policy == "none"
+    with pytest.raises(UserError, match=r"no activation policy fits 1\.0 GiB.*GiB over"):
+        P.choose_policy(lay, GiB)
 
 
 def test_auto_fits_its_budget_in_a_real_run(tiny_data, tmp_path):
@@ -119,16 +121,16 @@ def test_auto_fits_its_budget_in_a_real_run(tiny_data, tmp_path):
     base = [*TINY, f"data.path={tiny_data}", "train.steps=1", "log.activation_memory=true", "train.device=cpu",
             "recompute.granularity=auto"]
     probe = load_config("configs/debug.yaml", [*base, "recompute.memory_budget=1GiB"])
-    lay = P.layout_of(probe, 1, "cpu")
-    none = P.estimate(probe, lay, P.uniform("none", probe.model.n_layers))
-    full = P.estimate(probe, lay, P.uniform("full", probe.model.n_layers))
+    lay = resolve(probe, 1, "cpu")
+    none = P.estimate(lay, P.uniform("none", probe.model.n_layers))
+    full = P.estimate(lay, P.uniform("full", probe.model.n_layers))
     assert full.peak < none.peak
     kept = {}
     for name, budget in (("roomy", none.peak + 2**20), ("tight", (none.peak + full.peak) // 2)):
         cfg = load_config("configs/debug.yaml", [*base, f"train.out_dir={tmp_path / name}",
                                                  f"recompute.memory_budget={budget}B"])
         trainer = Trainer(cfg)
-        est = P.estimate(cfg, lay, trainer.recompute_plan)
+        est = P.estimate(lay, trainer.recompute_spans)
         assert est.peak <= budget
         tokens = trainer.train_loader.next_batch()
         with ActivationAccountant(trainer.module) as acc:
@@ -165,7 +167,7 @@ def _tp2_debug_activations(rank, world, extra):
     with ActivationAccountant(model) as acc:
         loss = cross_entropy(model(tokens[:, :-1]), tokens[:, 1:], dims.tp_group, 4096)
     loss.backward()
-    est = P.estimate(cfg, P.layout_of(cfg, 2, "cpu"), spans_of(cfg.recompute, cfg.model.n_layers))
+    est = P.estimate(resolve(cfg, 2, "cpu"), spans_of(cfg.recompute, cfg.model.n_layers))
     return (est.activations, est.host, sum(b.device for b in acc.report.blocks.values()),
             sum(b.host for b in acc.report.blocks.values()))
 

@@ -69,9 +69,8 @@ def run_model(dims: ParallelDims, r: RecomputeConfig, sp: bool = False, dropout:
     cfg = model_cfg(dropout)
     rng = seed_rng(7, dims)  # default generators and the "tp" stream, identical for every policy
     model = build_model(cfg)
-    if dims.tp > 1:
-        parallelize(model, dims, sequence_parallel=sp, rng=rng)
-    apply_recompute(model, dims, r, sequence_parallel=sp)
+    parallelize(model, dims, rng)
+    apply_recompute(model, dims, r, rng=rng)
     init_weights(model, seed=0)
     tokens = torch.randint(0, cfg.vocab_size, (B, S + 1), generator=torch.Generator().manual_seed(3))
     report = None
@@ -85,7 +84,7 @@ def run_model(dims: ParallelDims, r: RecomputeConfig, sp: bool = False, dropout:
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     # The streams continue exactly as without recompute.
-    after = {"default": torch.rand(4), "tp": model.rng_tracker.get_states() if dims.tp > 1 else None}
+    after = {"default": torch.rand(4), "tp": rng.get_states() if dims.tp > 1 else None}
 
     # The block stack on its own: the caller's input is not modified, its gradient matches.
     x = torch.randn(B, S // dims.tp if sp else S, cfg.dim, generator=torch.Generator().manual_seed(5),
@@ -397,12 +396,11 @@ def test_second_backward_through_the_same_graph(mode):
 def _zero3_accounting(rank, world, overrides):
     import os
 
-    from bigtrain.parallel.engine import DeepSpeedEngine
     from bigtrain.trainer import Trainer
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
-    DeepSpeedEngine.ZERO3_EXTRA = {"stage3_param_persistence_threshold": 0}  # partition every weight
-    trainer = Trainer(load_config("configs/debug.yaml", overrides))
+    # partition every weight
+    trainer = Trainer(load_config("configs/debug.yaml", [*overrides, "parallel.zero3_persistence_threshold=0"]))
     cfg = trainer.cfg
     with ActivationAccountant(trainer.module) as acc:
         trainer.loss_on(trainer.train_loader.next_batch())

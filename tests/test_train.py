@@ -165,3 +165,31 @@ def test_bad_inputs_exit_2(tiny_data, tmp_path):
     rank_file.write_bytes(rank_file.read_bytes()[:1000])
     assert_user_error(run_cli(*_train_args(tiny_data, out, "train.steps=4", "train.resume=auto")), "corrupt")
     assert (out / "metrics.jsonl").read_text() == metrics_before  # nothing written was lost
+
+
+def test_no_validation_split_trains_and_saves(tmp_path, capsys):
+    """`prepare --val-fraction 0` leaves an empty validation split: the run trains, warns once
+    that there is no validation loss, and saves its final checkpoint (it used to fail after all
+    its steps, before saving)."""
+    from bigtrain.data.prepare import prepare
+    from tests.conftest import _corpus_text
+
+    (tmp_path / "corpus.txt").write_text(_corpus_text())
+    data = tmp_path / "noval"
+    prepare([str(tmp_path / "corpus.txt")], str(data), vocab_size=360, val_fraction=0.0)
+    records = Trainer(load_config("configs/debug.yaml", overrides(data, tmp_path / "run", "train.steps=3",
+                                                                  "train.eval_every=1"))).train()
+    assert len(records) == 3 and all("val_loss" not in r for r in records)
+    assert "warning: no validation loss in this run: val split has 0 tokens" in capsys.readouterr().out
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "run")] == ["step_00000003"]
+
+
+def test_final_checkpoint_is_saved_before_the_final_evaluation(tiny_data, tmp_path, monkeypatch):
+    """Whatever fails in the last evaluation, the last step's checkpoint is already on disk."""
+    def broken(self):
+        raise RuntimeError("evaluation failed")
+
+    monkeypatch.setattr(Trainer, "evaluate", broken)
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        Trainer(load_config("configs/debug.yaml", overrides(tiny_data, tmp_path / "run", "train.steps=2"))).train()
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "run")] == ["step_00000002"]

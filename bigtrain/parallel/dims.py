@@ -87,17 +87,6 @@ class ParallelDims:
     def dp_rank(self) -> int:
         return self.rank // self.tp
 
-    @property
-    def tp_ranks(self) -> list[int]:
-        """Global ranks in this rank's TP group (adjacent)."""
-        start = self.dp_rank * self.tp
-        return list(range(start, start + self.tp))
-
-    @property
-    def dp_ranks(self) -> list[int]:
-        """Global ranks in this rank's DP group (strided by tp)."""
-        return list(range(self.tp_rank, self.world_size, self.tp))
-
     @classmethod
     def single(cls) -> "ParallelDims":
         """One process, no torch.distributed."""
@@ -120,6 +109,12 @@ class ParallelDims:
         if dp > 1:
             dims.dp_group = _mine([list(range(j, world_size, tp)) for j in range(tp)], rank, world_size)
         return dims
+
+    def new_self_group(self) -> dist.ProcessGroup:
+        """A group of this rank alone (DeepSpeed asks for a group even where a size is 1).
+        Collective: every rank creates every rank's group, in order."""
+        groups = [dist.new_group([r]) for r in range(self.world_size)]
+        return groups[self.rank]
 
 
 def _mine(all_ranks: list[list[int]], rank: int, world_size: int) -> dist.ProcessGroup:

@@ -5,16 +5,11 @@
     VocabParallelEmbedding weight (v, h) split along v: each rank looks up the ids it owns
 
 A plain module on the meta device gives meta shards; a materialised one gives copies of its
-slices. Every sharded parameter carries the contract bigtrain.model.init_weights (and the
-checkpoint code) relies on:
-
-    p.full_shape  the unpadded shape the parameter has at tp=1
-    p.shard_dim   the dim split over the TP ranks
-    p.tp_padded   the padded size along shard_dim (> full size only for the vocab)
-    p.shard_of    full tensor -> this rank's slice (zero padding first where needed)
-
-so init_weights draws the full tensor from one seed and keeps shard_of(full): tp=1 and tp=2
-start bitwise identical. full_from_shards is the inverse, for checkpoints.
+slices. Every sharded parameter carries one typed record, `p.tp_shard` (a `Shard`: the dim
+split over the TP ranks, the unpadded full shape, the padded size, and `shard(full)` -> this
+rank's slice), which bigtrain.model.init_weights and the checkpoint code rely on: init_weights
+draws the full tensor from one seed and keeps shard(full), so tp=1 and tp=2 start bitwise
+identical. full_from_shards is the inverse, for checkpoints; `shard_of(p)` reads the record.
 
 Sequence parallelism (SP): activations between TP regions are (b, s/tp, h). Column-parallel
 layers then all-gather the sequence on entry (reduce-scatter in backward) instead of copy_to_tp,
@@ -27,17 +22,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bigtrain.model import SEQUENCE_PARALLEL, TP_SHARD
 from bigtrain.parallel.dims import ParallelDims, padded_vocab
-from bigtrain.parallel.mappings import (copy_to_tp, gather_from_sequence, gather_from_tp, reduce_from_tp,
-                                        reduce_scatter_to_sequence, scatter_to_tp)
+from bigtrain.parallel.mappings import copy_to_tp, gather_from_sequence, reduce_from_tp, reduce_scatter_to_sequence
 
 
-class ShardOf:
-    """full tensor -> this rank's slice along dim, where the full size is padded with zeros to
-    `padded` first. A class rather than a closure so parameters stay picklable."""
+class Shard:
+    """Where a tensor-parallel parameter sits in its full tensor: this rank's slice along `dim`
+    of the full tensor (shape `full_shape`) padded with zeros to `padded` first. Calling it cuts
+    that slice out of a full tensor. A class rather than a closure so parameters stay picklable."""
 
-    def __init__(self, dim: int, padded: int, tp: int, tp_rank: int):
+    def __init__(self, dim: int, padded: int, tp: int, tp_rank: int, full_shape: tuple[int, ...] = ()):
         self.dim, self.size, self.start = dim, padded // tp, tp_rank * (padded // tp)
+        self.padded, self.full_shape = padded, tuple(full_shape)
 
     def __call__(self, full: torch.Tensor) -> torch.Tensor:
         shape = list(full.shape)
@@ -48,25 +45,49 @@ class ShardOf:
         return out
 
     def __repr__(self) -> str:
-        return f"ShardOf(dim={self.dim}, rows {self.start}:{self.start + self.size})"
+        return f"Shard(dim={self.dim}, rows {self.start}:{self.start + self.size} of {self.padded})"
 
 
 def shard_parameter(param: torch.Tensor, dim: int, dims: ParallelDims, padded: int | None = None) -> nn.Parameter:
-    """This rank's slice of `param` along `dim` as a new Parameter carrying the shard contract."""
+    """This rank's slice of `param` along `dim` as a new Parameter carrying its Shard."""
     padded = padded or param.shape[dim]
     if padded % dims.tp:
         raise ValueError(f"size {padded} of dim {dim} of a {tuple(param.shape)} weight is not divisible by tp({dims.tp})")
-    shard_of = ShardOf(dim, padded, dims.tp, dims.tp_rank)
-    p = nn.Parameter(shard_of(param.detach()), requires_grad=param.requires_grad)  # meta stays meta
-    p.full_shape = tuple(param.shape)
-    p.shard_dim = dim
-    p.tp_padded = padded
-    p.shard_of = shard_of
+    shard = Shard(dim, padded, dims.tp, dims.tp_rank, tuple(param.shape))
+    p = nn.Parameter(shard(param.detach()), requires_grad=param.requires_grad)  # meta stays meta
+    setattr(p, TP_SHARD, shard)
     return p
 
 
+def shard_of(p: torch.Tensor) -> Shard | None:
+    """The parameter's Shard, or None for a replicated one."""
+    return getattr(p, TP_SHARD, None)
+
+
 def is_sharded(p: torch.Tensor) -> bool:
-    return hasattr(p, "shard_dim")
+    return shard_of(p) is not None
+
+
+def mark_sequence_parallel(p: torch.Tensor) -> None:
+    """A replicated weight applied to this rank's sequence slice: its gradient is a partial sum
+    over TP (summed by parallelize.sync_sequence_parallel_grads)."""
+    setattr(p, SEQUENCE_PARALLEL, True)
+
+
+def is_sequence_parallel(p: torch.Tensor) -> bool:
+    return getattr(p, SEQUENCE_PARALLEL, False)
+
+
+def full_shape(p: torch.Tensor) -> tuple[int, ...]:
+    """The shape the parameter has at tp=1."""
+    s = shard_of(p)
+    return s.full_shape if s is not None else tuple(p.shape)
+
+
+def my_slice(p: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """This rank's part of `full` for parameter p: its shard, or `full` itself if replicated."""
+    s = shard_of(p)
+    return s(full) if s is not None else full
 
 
 def full_from_shards(shards: list[torch.Tensor], shard_dim: int, full_size: int) -> torch.Tensor:
@@ -79,16 +100,17 @@ class ColumnParallelLinear(nn.Module):
 
     Input: (b, s, in) replicated, or (b, s/tp, in) under SP; `input_ready` says the caller has
     already entered the TP region (one copy_to_tp / all-gather shared by several projections of
-    the same input). Output: (b, s, out_padded/tp), or (b, s, out) with gather_output.
+    the same input). Output: (b, s, out_padded/tp), split over TP (the vocab-parallel loss and
+    the row-parallel layer after it consume it split).
     Columns past `out_features` (vocab padding, pad_to > out_features) are set to -inf, so they
     never take softmax mass, in the loss or when sampling.
     """
 
     def __init__(self, linear: nn.Linear, dims: ParallelDims, sequence_parallel: bool = False,
-                 gather_output: bool = False, input_ready: bool = False, pad_to: int | None = None):
+                 input_ready: bool = False, pad_to: int | None = None):
         super().__init__()
         self.group, self.sequence_parallel = dims.tp_group, sequence_parallel
-        self.gather_output, self.input_ready = gather_output, input_ready
+        self.input_ready = input_ready
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = shard_parameter(linear.weight, 0, dims, pad_to)
         self.bias = None if linear.bias is None else shard_parameter(linear.bias, 0, dims, pad_to)
@@ -103,13 +125,11 @@ class ColumnParallelLinear(nn.Module):
             # In place on our own matmul output (linear's backward does not need it); autograd
             # gives the filled columns zero gradient, so the zero padding rows stay zero.
             y[..., self.n_real:] = float("-inf")
-        if self.gather_output:
-            y = gather_from_tp(y, self.group)[..., :self.out_features]  # (b, s, out)
         return y
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, local_out={self.weight.shape[0]}, "
-                f"sequence_parallel={self.sequence_parallel}, gather_output={self.gather_output}")
+                f"sequence_parallel={self.sequence_parallel}")
 
 
 class RowParallelLinear(nn.Module):
@@ -121,20 +141,16 @@ class RowParallelLinear(nn.Module):
     the sequence, so its gradient is partial and it is marked `sequence_parallel`.
     """
 
-    def __init__(self, linear: nn.Linear, dims: ParallelDims, sequence_parallel: bool = False,
-                 input_is_parallel: bool = True):
+    def __init__(self, linear: nn.Linear, dims: ParallelDims, sequence_parallel: bool = False):
         super().__init__()
         self.group, self.sequence_parallel = dims.tp_group, sequence_parallel
-        self.input_is_parallel = input_is_parallel
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = shard_parameter(linear.weight, 1, dims)
         self.bias = linear.bias
         if self.bias is not None and sequence_parallel:
-            self.bias.sequence_parallel = True
+            mark_sequence_parallel(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.input_is_parallel:
-            x = scatter_to_tp(x, self.group)  # (b, s, in/tp)
         y = F.linear(x, self.weight)  # (b, s, out): this rank's partial sum
         y = reduce_scatter_to_sequence(y, self.group) if self.sequence_parallel else reduce_from_tp(y, self.group)
         return y if self.bias is None else y + self.bias  # (b, s/tp, out) under SP, else (b, s, out)

@@ -4,9 +4,6 @@ Each forward collective's backward is its adjoint:
 
     copy_to_tp                 identity             / all-reduce
     reduce_from_tp             all-reduce           / identity
-    scatter_to_tp              split last dim       / all-gather last dim
-    gather_from_tp             all-gather last dim  / split last dim
-    scatter_to_sequence        split dim 1          / all-gather dim 1
     gather_from_sequence       all-gather dim 1     / reduce-scatter dim 1
     reduce_scatter_to_sequence reduce-scatter dim 1 / all-gather dim 1
 
@@ -49,14 +46,6 @@ def all_reduce(x: torch.Tensor, group) -> torch.Tensor:
     out = x.clone(memory_format=torch.contiguous_format)
     dist.all_reduce(out, group=group)
     return out
-
-
-def split(x: torch.Tensor, dim: int, group) -> torch.Tensor:
-    """This rank's 1/size chunk of x along dim (contiguous copy)."""
-    n = group_size(group)
-    if x.shape[dim] % n:
-        raise ValueError(f"cannot split dim {dim} of size {x.shape[dim]} over {n} ranks")
-    return x.chunk(n, dim=dim)[group_rank(group)].contiguous()
 
 
 def all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
@@ -112,51 +101,8 @@ class _ReduceFromTP(torch.autograd.Function):
         return grad, None
 
 
-class _ScatterToTP(torch.autograd.Function):
-    """Forward: keep this rank's chunk of the last dim.
-    Backward: all-gather the chunks' gradients along the last dim."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return split(x, -1, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return all_gather(grad, -1, ctx.group), None
-
-
-class _GatherFromTP(torch.autograd.Function):
-    """Forward: all-gather the last dim.
-    Backward: keep this rank's chunk of the gradient (what follows is replicated, so every
-    rank holds the same full gradient)."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return all_gather(x, -1, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return split(grad, -1, ctx.group), None
-
-
 # --------------------------------------------------------------------------------------------
 # Sequence-parallel region: split / gather along the sequence, dim 1 of (b, s, h)
-
-
-class _ScatterToSequence(torch.autograd.Function):
-    """Forward: (b, s, h) -> this rank's (b, s/tp, h).
-    Backward: all-gather the slices' gradients along the sequence."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return split(x, 1, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return all_gather(grad, 1, ctx.group), None
 
 
 class _GatherFromSequence(torch.autograd.Function):
@@ -203,21 +149,6 @@ def copy_to_tp(x, group):
 def reduce_from_tp(x, group):
     """All-reduce / identity. See _ReduceFromTP."""
     return _apply(_ReduceFromTP, x, group)
-
-
-def scatter_to_tp(x, group):
-    """Split last dim / all-gather last dim. See _ScatterToTP."""
-    return _apply(_ScatterToTP, x, group)
-
-
-def gather_from_tp(x, group):
-    """All-gather last dim / split last dim. See _GatherFromTP."""
-    return _apply(_GatherFromTP, x, group)
-
-
-def scatter_to_sequence(x, group):
-    """Split dim 1 / all-gather dim 1. See _ScatterToSequence."""
-    return _apply(_ScatterToSequence, x, group)
 
 
 def gather_from_sequence(x, group):

@@ -1,13 +1,11 @@
-"""The tensor-parallel plan for bigtrain.model.Transformer, and the gradient helpers it implies.
+"""Tensor parallelism for bigtrain.model.Transformer: which module becomes which parallel layer
+(the "styles", keyed by module path), and the gradient helpers it implies.
 
-parallelize() is the first step after building the plain model on the meta device, in this
-order (see DESIGN.md):
-  1. tensor parallelism (here): swaps layers for sharded ones, so it must see plain modules;
-  2. recompute: wraps whole blocks, whose forward then already contains the collectives and
-     the RNG forks it must replay;
-  3. torch.compile, if any: compiles the final per-block code;
-  4. data parallelism (DDP / DeepSpeed) last: it registers hooks on the final parameters.
-Then init_weights() materialises each rank's shards from the full, seeded tensors.
+parallelize() is the first step after building the plain model on the meta device (see
+bigtrain.build for the whole order): it swaps layers for sharded ones, so it must see plain
+modules; recompute then wraps whole blocks, whose forward already contains the collectives and
+the RNG forks a replay must repeat; data parallelism comes last, since it registers hooks on
+the final parameters.
 
 Under sequence parallelism the residual stream, norms and dropout hold (b, s/tp, h); every
 sublayer all-gathers the sequence once on entry and reduce-scatters on exit; the final norm's
@@ -24,16 +22,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from bigtrain.errors import UserError
-from bigtrain.parallel.dims import ParallelDims, check_model, padded_vocab
-from bigtrain.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, is_sharded
+from bigtrain.parallel.dims import ParallelDims, padded_vocab
+from bigtrain.parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, is_sequence_parallel,
+                                      is_sharded, mark_sequence_parallel)
 from bigtrain.parallel.mappings import copy_to_tp, gather_from_sequence
 from bigtrain.parallel.random import TP, TP_SEED_OFFSET, RNGTracker
 
 
 @dataclass
 class _Ctx:
-    """What every plan entry needs."""
+    """What every style needs."""
     dims: ParallelDims
     sp: bool
     rng: RNGTracker
@@ -44,7 +42,7 @@ Style = Callable[[nn.Module, _Ctx], "nn.Module | None"]  # returns a replacement
 
 
 # --------------------------------------------------------------------------------------------
-# Styles: what a plan entry does to one module
+# Styles: what each does to one module
 
 
 def column(m: nn.Linear, c: _Ctx) -> nn.Module:
@@ -91,24 +89,24 @@ def sequence_parallel_params(m: nn.Module, c: _Ctx) -> None:
     """Replicated weights applied to a sequence slice: their gradients are partial sums, summed
     over TP by sync_sequence_parallel_grads."""
     for p in m.parameters():
-        p.sequence_parallel = True
+        mark_sequence_parallel(p)
 
 
 # --------------------------------------------------------------------------------------------
-# The plan
+# Which module gets which style
 
 
-def model_plan(sp: bool) -> dict[str, Style]:
+def model_styles(sp: bool) -> dict[str, Style]:
     """Modules outside the blocks, keyed by path in the Transformer."""
-    plan = {"tok_embeddings": vocab_embedding, "output": vocab_output}
+    styles = {"tok_embeddings": vocab_embedding, "output": vocab_output}
     if sp:
-        plan |= {"dropout": tp_random, "norm": sequence_parallel_params}  # both on (b, s/tp, h)
-    return plan
+        styles |= {"dropout": tp_random, "norm": sequence_parallel_params}  # both on (b, s/tp, h)
+    return styles
 
 
-def block_plan(sp: bool) -> dict[str, Style]:
+def block_styles(sp: bool) -> dict[str, Style]:
     """Modules of one Block, keyed by path in the block. Parent entries come before children."""
-    plan = {
+    styles = {
         "attention": enter_tp_region,
         "attention.wq": column,  # n_heads/tp query heads per rank
         "attention.wk": column,  # n_kv_heads/tp kv heads per rank: exactly those its queries use
@@ -121,44 +119,39 @@ def block_plan(sp: bool) -> dict[str, Style]:
         "feed_forward.w2": row,
     }
     if sp:
-        plan |= {"attention_norm": sequence_parallel_params, "ffn_norm": sequence_parallel_params,
+        styles |= {"attention_norm": sequence_parallel_params, "ffn_norm": sequence_parallel_params,
                  "dropout": tp_random}  # residual dropout on this rank's slice
-    return plan
+    return styles
 
 
-def apply_plan(root: nn.Module, plan: dict[str, Style], c: _Ctx) -> None:
-    for path, style in plan.items():
+def apply_styles(root: nn.Module, styles: dict[str, Style], c: _Ctx) -> None:
+    for path, style in styles.items():
         new = style(root.get_submodule(path), c)
         if new is not None:
             root.set_submodule(path, new)
 
 
-def parallelize(model: nn.Module, dims: ParallelDims, sequence_parallel: bool | None = None,
-                rng: RNGTracker | None = None) -> nn.Module:
-    """Apply tensor (and sequence) parallelism to a plain Transformer in place; returns it.
+def parallelize(model: nn.Module, dims: ParallelDims, rng: RNGTracker | None = None) -> nn.Module:
+    """Apply tensor (and, if dims says so, sequence) parallelism to a plain Transformer whose
+    config the job has validated for dims.tp; in place, returns it.
 
-    sequence_parallel: None takes dims.sequence_parallel. rng: the tracker whose "tp" stream
-    drives dropout in split regions (see random.seed_rng); None makes one seeded from 0. It is
-    kept as model.rng_tracker for recompute. With tp == 1 the model is returned unchanged.
+    rng: the tracker whose "tp" stream drives dropout in split regions (see random.seed_rng;
+    recompute replays it too); None makes one seeded from 0. With tp == 1 the model is returned
+    unchanged.
     """
-    sp = dims.sequence_parallel if sequence_parallel is None else sequence_parallel
     if dims.tp == 1:
-        if sp:
-            raise UserError("sequence_parallel needs tp > 1 (it splits the sequence over the tensor-parallel ranks)")
         return model
-    cfg = model.cfg
-    check_model(cfg, dims.tp)
     if rng is None:
         rng = RNGTracker()
         rng.add(TP, TP_SEED_OFFSET + dims.tp_rank)
-    c = _Ctx(dims, sp, rng, padded_vocab(cfg.vocab_size, dims.tp))
-    apply_plan(model, model_plan(sp), c)
+    sp = dims.sequence_parallel
+    c = _Ctx(dims, sp, rng, padded_vocab(model.cfg.vocab_size, dims.tp))
+    apply_styles(model, model_styles(sp), c)
     for block in model.layers:
-        apply_plan(block, block_plan(sp), c)
-    if cfg.tie_embeddings:
+        apply_styles(block, block_styles(sp), c)
+    if model.cfg.tie_embeddings:
         # Both shards are rows [r*v/tp, (r+1)*v/tp) of the same padded (v, h) matrix: one Parameter.
         model.output.weight = model.tok_embeddings.weight
-    model.rng_tracker = rng
     return model
 
 
@@ -170,7 +163,7 @@ def sync_sequence_parallel_grads(model: nn.Module, dims: ParallelDims) -> None:
     """Sum over TP the gradients of parameters marked `sequence_parallel` (norm weights under
     SP), each rank having seen only its slice of the sequence. Call after backward (and the
     data-parallel reduction, with which it commutes), before clipping. One all-reduce."""
-    grads = [p.grad for p in model.parameters() if getattr(p, "sequence_parallel", False) and p.grad is not None]
+    grads = [p.grad for p in model.parameters() if is_sequence_parallel(p) and p.grad is not None]
     if not grads or dims.tp_group is None:
         return
     flat = torch._utils._flatten_dense_tensors(grads)
@@ -204,10 +197,9 @@ def _sum_sq(grads: list[torch.Tensor], device) -> torch.Tensor:
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float, dims: ParallelDims) -> torch.Tensor:
-    """Scale gradients so their global norm (grad_norm) is at most max_norm (0 only measures).
-    Returns the norm before clipping."""
+    """Scale gradients so their global norm (grad_norm) is at most max_norm > 0. Returns the
+    norm before clipping."""
     total = grad_norm(model, dims)
-    if max_norm > 0:
-        grads = [p for p in model.parameters() if p.grad is not None]
-        torch.nn.utils.clip_grads_with_norm_(grads, max_norm, total)
+    grads = [p for p in model.parameters() if p.grad is not None]
+    torch.nn.utils.clip_grads_with_norm_(grads, max_norm, total)
     return total

@@ -1,6 +1,6 @@
 """Activation memory as a knob: full, selective, CPU-offloaded and partitioned recompute.
 
-    apply_recompute(model, dims, cfg.recompute, sequence_parallel)   # after parallelize()
+    apply_recompute(model, dims, cfg.recompute, rng=rng)             # after parallelize()
     with ActivationAccountant(model) as acc:                         # what a forward keeps
         loss = ...
     print(acc.report)
@@ -12,7 +12,7 @@ accounting (the saved-bytes accountant and the analytical formula for our block)
 
 from bigtrain.recompute.accounting import ActivationAccountant, ActivationReport, block_formula
 from bigtrain.recompute.checkpoint import Stash, checkpoint, is_recomputing
-from bigtrain.recompute.policy import SELECTIVE_MODULES, BlockRunner, Recomputed, apply_recompute, spans
+from bigtrain.recompute.policy import SELECTIVE_MODULES, BlockRunner, Recomputed, apply_recompute, spans_of
 
 __all__ = ["ActivationAccountant", "ActivationReport", "block_formula", "Stash", "checkpoint", "is_recomputing",
-           "SELECTIVE_MODULES", "BlockRunner", "Recomputed", "apply_recompute", "spans"]
+           "SELECTIVE_MODULES", "BlockRunner", "Recomputed", "apply_recompute", "spans_of"]

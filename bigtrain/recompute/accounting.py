@@ -18,7 +18,7 @@ in tests/test_recompute.py. With S = b*s tokens, Sr = S/t under sequence paralle
 e = bytes per activation element (4 fp32, 2 bf16; no autocast), kv = n_kv_heads*head_dim,
 f = ffn_hidden, a = n_heads, per block:
 
-    each RMSNorm      input in fp32 4*Sr*h + rstd 4*Sr + normalised e*Sr*h
+    each RMSNorm      input in fp32 4*Sr*h + rstd 4*Sr + normalised 4*Sr*h (fp32: it is saved before the cast back)
     each norm output  e*S*h       (saved by the projections; all-gathered, so full S, under SP)
     fused attention   e*S*(2h + 2kv)/t  (q, k after rotary, v, output) + lse 4*S*a/t
     SwiGLU MLP        4*e*S*f/t   (gate, up, silu(gate), product)
@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from bigtrain.config import ModelConfig, RecomputeConfig, parse_bytes
+from bigtrain.recompute.policy import spans_of
 from bigtrain.recompute.saved import storage_key
 
 
@@ -73,7 +74,7 @@ class ActivationAccountant:
 
     def __init__(self, model: nn.Module):
         self.model = getattr(model, "module", model)  # under DDP / DeepSpeed, the wrapped module
-        self.runner = getattr(self.model, "block_runner", None)
+        self.runner = self.model.block_runner
         if self.runner is None:
             raise ValueError("ActivationAccountant needs a model with bigtrain.recompute.apply_recompute applied")
         self.report = ActivationReport()
@@ -179,7 +180,7 @@ def outside_tensors(sh: Shape, vocab: int) -> dict[str, int]:
     """What the forward keeps outside the blocks: embedding, final norm, output layer, loss.
 
     `vocab` is the padded vocabulary (a multiple of tp). The logits themselves are not kept
-    (the loss keeps its fp32 softmax instead); they are a transient, see bigtrain.plan.
+    (the loss keeps its fp32 softmax instead); they are a transient, see bigtrain.planner.memory.
     """
     m, t, e = sh.model, sh.tp, sh.elem
     S = sh.b * sh.s
@@ -253,14 +254,12 @@ def span_bytes(sh: Shape, span, min_bytes: int) -> tuple[int, int]:
     return dev * n, host * n
 
 
-def block_formula(sh: Shape, r: RecomputeConfig, plan=None) -> list[tuple[str, int, int]]:
+def block_formula(sh: Shape, r: RecomputeConfig, spans=None) -> list[tuple[str, int, int]]:
     """Predicted (span label, device bytes, host bytes) for every span of the policy: r's spans,
-    or `plan` (explicit spans, e.g. chosen by granularity auto)."""
-    from bigtrain.recompute.policy import spans  # policy imports this module's users
-
+    or `spans` (explicit ones, e.g. chosen by granularity auto)."""
     min_bytes = parse_bytes(r.offload_min_size)
-    plan = plan if plan is not None else spans(r, sh.model.n_layers)
-    return [(span.label, *span_bytes(sh, span, min_bytes)) for span in plan]
+    spans = spans if spans is not None else spans_of(r, sh.model.n_layers)
+    return [(span.label, *span_bytes(sh, span, min_bytes)) for span in spans]
 
 
 def format_report(report: ActivationReport, predicted: list[tuple[str, int, int]] | None = None) -> str:

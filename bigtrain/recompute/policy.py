@@ -1,4 +1,4 @@
-"""Turning a `recompute:` config section into what runs: `apply_recompute(model, dims, cfg, sp)`.
+"""Turning a `recompute:` config section into what runs: `apply_recompute(model, dims, cfg, rng=rng)`.
 
 Applied after tensor parallelism (the blocks' forwards then already contain the collectives and
 RNG forks a replay must repeat) and before weights are materialised and data parallelism wraps
@@ -12,10 +12,10 @@ the model. Parameter names never change, so checkpoints move freely between poli
     granularity selective  inside every block the modules named in `modules` run under
                            checkpoint(); everything else keeps its saved tensors (offload: on
                            the host).
-    granularity auto       a policy per block, chosen by bigtrain.plan from memory_budget.
+    granularity auto       a policy per block, chosen by bigtrain.planner from memory_budget.
 
 Which combinations make sense is checked in config.py (RecomputeConfig.validate and
-Config.validate), before any process starts.
+Config.validate), before any process starts. Sequence parallelism is read from `dims`.
 """
 
 from __future__ import annotations
@@ -60,10 +60,10 @@ class Span:
         return name + ("+partition" if self.partition else "") + ("+offload" if self.offload else "")
 
 
-def spans(cfg: RecomputeConfig, n_layers: int) -> list[Span]:
-    """The spans a (non-auto) recompute config describes; auto's come from bigtrain.plan."""
+def spans_of(cfg: RecomputeConfig, n_layers: int) -> list[Span]:
+    """The spans a (non-auto) recompute config describes; auto's come from bigtrain.planner."""
     if cfg.granularity == "auto":
-        raise ValueError("recompute.granularity=auto: the spans come from bigtrain.plan.choose_policy")
+        raise ValueError("recompute.granularity=auto: the spans come from bigtrain.planner.choose_policy")
     off, part = cfg.offload, cfg.partition
     if cfg.granularity == "full":
         k = cfg.num_layers
@@ -82,19 +82,17 @@ class BlockRunner:
     parameter names and state dicts stay those of the plain model.
     """
 
-    def __init__(self, model: nn.Module, dims: ParallelDims, plan: list[Span], min_bytes: int,
-                 sequence_parallel: bool):
+    def __init__(self, model: nn.Module, dims: ParallelDims, spans: list[Span], min_bytes: int, rng):
         self.layers = model.layers
-        self.spans = plan
+        self.spans = spans
         self.dims = dims
-        self.sequence_parallel = sequence_parallel
-        self.rng = getattr(model, "rng_tracker", None)  # set by parallelize() when tp > 1
+        self.rng = rng  # the tracker whose "tp" stream parallelize() forks (None at tp=1)
         self.saved = SavedTensors(model, min_bytes=min_bytes)
 
     def partition_for(self, span: Span) -> ParallelDims | None:
         # Under sequence parallelism a block input already is this rank's 1/tp of the sequence:
         # partitioning it again would store nothing less.
-        if span.partition and self.dims.tp > 1 and not self.sequence_parallel:
+        if span.partition and self.dims.tp > 1 and not self.dims.sequence_parallel:
             return self.dims
         return None
 
@@ -158,14 +156,15 @@ class Recomputed(nn.Module):
 
 
 def apply_recompute(model: nn.Module, dims: ParallelDims, cfg: RecomputeConfig,
-                    sequence_parallel: bool = False, plan: list[Span] | None = None) -> nn.Module:
+                    spans: list[Span] | None = None, rng=None) -> nn.Module:
     """Install the activation-memory policy on a (tensor-parallel) Transformer, in place.
 
-    `plan`: explicit spans (what granularity auto chose, see bigtrain.plan); else from `cfg`.
+    spans: explicit spans (what granularity auto chose, see bigtrain.planner); else from `cfg`.
+    rng: the RNG tracker parallelize() used (its streams are replayed); None at tp=1.
     """
-    plan = plan if plan is not None else spans(cfg, len(model.layers))
-    runner = BlockRunner(model, dims, plan, parse_bytes(cfg.offload_min_size), sequence_parallel)
-    for span in plan:
+    spans = spans if spans is not None else spans_of(cfg, len(model.layers))
+    runner = BlockRunner(model, dims, spans, parse_bytes(cfg.offload_min_size), rng)
+    for span in spans:
         for block in model.layers[span.start:span.stop]:
             for name in span.modules:
                 for path in SELECTIVE_MODULES[name]:

@@ -1,24 +1,21 @@
-"""Data-parallel engines: what turns a micro-batch loss into an optimizer step.
+"""Data-parallel engines: what turns micro-batch losses into an optimizer step.
 
-Both engines expose the same small surface so the trainer does not care which one runs:
+`Engine` is the contract the trainer relies on; `TorchEngine` is torch DDP over the
+data-parallel group (no wrapper when dp == 1) with a torch AdamW, `DeepSpeedEngine` hands the
+module to `deepspeed.initialize` with ZeRO stage 1-3. One optimizer step is
 
-    engine.model(x)              forward (DDP / DeepSpeed wrapper or the plain module)
-    engine.accumulate(last)      context for one micro-batch; gradients sync only when last
-    engine.set_lr(lr)            learning rate of the coming step
-    engine.backward(loss)        backward of loss / accumulation steps
-    engine.step() -> norm        sequence-parallel grad sync, clipping, optimizer step, zero grads
-    engine.save(dir) / load(dir) engine-specific state inside a checkpoint directory
-    engine.full_parameters()     context in which module parameters hold their full values
-                                 (ZeRO-3 partitions them between steps)
-    engine.loads_module_weights  True when load(dir) restores the module's weights itself
+    engine.set_lr(lr)
+    for each micro-batch:
+        with engine.accumulate(last):    # gradients are synchronised only after the last
+            engine.backward(loss_fn(engine.model(x)))
+    grad_norm = engine.step()
 
-`TorchEngine` is torch DDP over the data-parallel group (or no wrapper when dp == 1) with a
-torch AdamW; `DeepSpeedEngine` hands the module to `deepspeed.initialize` with ZeRO stage 1-3.
 DeepSpeed is imported only when asked for: the GPU benchmark machine does not have it.
 """
 
 from __future__ import annotations
 
+import abc
 import contextlib
 from pathlib import Path
 
@@ -27,18 +24,64 @@ import torch.distributed as dist
 from torch import nn
 
 from bigtrain import checkpoint as ckpt
-from bigtrain.config import Config
 from bigtrain.errors import UserError
+from bigtrain.job import Job
 from bigtrain.optim import build_optimizer, set_lr
 from bigtrain.parallel.dims import ParallelDims
-from bigtrain.parallel.layers import is_sharded
-from bigtrain.parallel.parallelize import clip_grad_norm, sync_sequence_parallel_grads
+from bigtrain.parallel.layers import is_sequence_parallel, is_sharded
+from bigtrain.parallel.parallelize import clip_grad_norm, grad_norm, sync_sequence_parallel_grads
 from bigtrain.safe_load import check_deepspeed_dir, deepspeed_checkpoint_engine
 
 
-class TorchEngine:
-    def __init__(self, module: nn.Module, dims: ParallelDims, cfg: Config, accum_steps: int, device: torch.device):
-        self.module, self.dims, self.cfg, self.accum_steps = module, dims, cfg, accum_steps
+class Engine(abc.ABC):
+    """One meaning per method, whichever engine runs."""
+
+    model: nn.Module
+    """What forward calls: the DDP / DeepSpeed wrapper, or the module itself."""
+    loads_module_weights: bool = False
+    """True when load(directory) restores the module's weights itself (else the caller does)."""
+
+    def accumulate(self, last: bool):
+        """Context around one micro-batch's forward and backward; gradients are synchronised
+        across data-parallel ranks only when `last`."""
+        return contextlib.nullcontext()
+
+    @abc.abstractmethod
+    def set_lr(self, lr: float) -> None:
+        """Learning rate of the coming step."""
+
+    @abc.abstractmethod
+    def backward(self, loss: torch.Tensor) -> None:
+        """Add this micro-batch's gradients (of loss / accumulation steps). Never updates weights."""
+
+    @abc.abstractmethod
+    def step(self) -> float:
+        """Apply the accumulated gradients: synchronise, clip, update, zero them. Returns the
+        global gradient norm before clipping."""
+
+    def state_dict(self) -> dict:
+        """Engine state that travels in this rank's checkpoint file."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what state_dict() returned (possibly resharded for another layout)."""
+
+    def full_parameters(self):
+        """Context in which the module's parameters hold their full values (ZeRO-3 partitions
+        them between steps). Collective."""
+        return contextlib.nullcontext()
+
+    def save(self, directory: Path) -> None:
+        """Write engine files beside the rank files of a checkpoint directory. Collective."""
+
+    def load(self, directory: Path) -> None:
+        """Read what save() wrote. Collective."""
+
+
+class TorchEngine(Engine):
+    def __init__(self, module: nn.Module, dims: ParallelDims, job: Job, device: torch.device):
+        self.module, self.dims, self.accum_steps = module, dims, job.accum
+        self.grad_clip = job.cfg.optim.grad_clip
         self.model = module
         if dims.dp > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -49,10 +92,9 @@ class TorchEngine:
             # beside a second, bucket-sized copy (saves 4 bytes per parameter).
             self.model = DDP(module, process_group=dims.dp_group, gradient_as_bucket_view=True,
                              device_ids=[device.index] if device.type == "cuda" else None)
-        self.optimizer = build_optimizer(module, cfg.optim)
+        self.optimizer = build_optimizer(module, job.cfg.optim)
 
     def accumulate(self, last: bool):
-        """DDP all-reduces gradients only on the last micro-batch of an accumulation."""
         if last or not hasattr(self.model, "no_sync"):
             return contextlib.nullcontext()
         return self.model.no_sync()
@@ -65,8 +107,10 @@ class TorchEngine:
 
     def step(self) -> float:
         sync_sequence_parallel_grads(self.module, self.dims)
-        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        norm = clip_grad_norm(self.module, clip, self.dims)
+        if self.grad_clip > 0:
+            norm = clip_grad_norm(self.module, self.grad_clip, self.dims)
+        else:
+            norm = grad_norm(self.module, self.dims)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
@@ -77,24 +121,14 @@ class TorchEngine:
     def load_state_dict(self, state: dict) -> None:
         ckpt.load_optimizer_state_by_name(self.optimizer, self.module, state["optim"])
 
-    loads_module_weights = False
-
-    def full_parameters(self):
-        return contextlib.nullcontext()
-
-    def save(self, directory: Path) -> None:
-        """Nothing beyond the rank file: model and optimizer shards travel in state_dict()."""
-
-    def load(self, directory: Path) -> None:
-        pass
-
 
 class MPU:
     """The model-parallel-unit interface DeepSpeed asks for, answered from ParallelDims, so ZeRO
     partitions over the data-parallel group and counts tensor-parallel shards correctly."""
 
-    def __init__(self, dims: ParallelDims):
+    def __init__(self, dims: ParallelDims, self_group):
         self.dims = dims
+        self.self_group = self_group  # a group of this rank alone: DeepSpeed wants one even where a size is 1
 
     def get_model_parallel_rank(self):
         return self.dims.tp_rank
@@ -103,7 +137,7 @@ class MPU:
         return self.dims.tp
 
     def get_model_parallel_group(self):
-        return self.dims.tp_group or _self_group(self.dims)
+        return self.dims.tp_group or self.self_group
 
     def get_data_parallel_rank(self):
         return self.dims.dp_rank
@@ -112,7 +146,7 @@ class MPU:
         return self.dims.dp
 
     def get_data_parallel_group(self):
-        return self.dims.dp_group or _self_group(self.dims)
+        return self.dims.dp_group or self.self_group
 
     # newer DeepSpeed releases ask with these names too
     get_tensor_model_parallel_rank = get_model_parallel_rank
@@ -120,82 +154,51 @@ class MPU:
     get_tensor_model_parallel_group = get_model_parallel_group
 
 
-def _self_group(dims: ParallelDims):
-    """A group of this rank alone (DeepSpeed wants a group even where the size is 1)."""
-    if not hasattr(dims, "_self_group"):
-        groups = [dist.new_group([r]) for r in range(dims.world_size)]  # collective: all ranks create all
-        dims._self_group = groups[dims.rank]
-    return dims._self_group
-
-
-class DeepSpeedEngine:
+class DeepSpeedEngine(Engine):
     TAG = "deepspeed"
-    ZERO3_EXTRA: dict = {}
-    """Extra ZeRO-3 settings merged into zero_optimization (e.g. {"stage3_param_persistence_threshold": 0},
-    which the tests use so that even tiny parameters are partitioned)."""
     loads_module_weights = True  # DeepSpeed's load_checkpoint restores the module itself
 
-    def __init__(self, module: nn.Module, dims: ParallelDims, cfg: Config, accum_steps: int, device: torch.device):
+    def __init__(self, module: nn.Module, dims: ParallelDims, job: Job, device: torch.device):
         try:
             import deepspeed
         except ImportError:
             raise UserError("parallel.engine=deepspeed needs the deepspeed package: pip install deepspeed") from None
-        self.module, self.dims, self.cfg = module, dims, cfg
+        self.module, self.dims, self.zero_stage = module, dims, job.cfg.parallel.zero_stage
         for p in module.parameters():
             if is_sharded(p):  # DeepSpeed's grad-norm counts these once per TP rank, others once
                 p.model_parallel = p.tensor_model_parallel = True
         if dims.sequence_parallel:
             _reduce_sequence_parallel_grads_in_backward(module, dims)
-        bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda")
-        zero = {"stage": cfg.parallel.zero_stage, **(self.ZERO3_EXTRA if cfg.parallel.zero_stage == 3 else {})}
         self._deepspeed = deepspeed
-        if cfg.parallel.offload_optimizer:
-            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
-        ds_config = {
-            "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
-            "gradient_accumulation_steps": accum_steps,
-            "train_batch_size": cfg.train.global_batch_size,
-            "gradient_clipping": cfg.optim.grad_clip,
-            "zero_optimization": zero,
-            "bf16": {"enabled": bf16},
-            "steps_per_print": 10**9,
-            "zero_allow_untested_optimizer": True,
-            # keep our torch AdamW (with its weight-decay groups) even with optimizer offload
-            "zero_force_ds_cpu_optimizer": False,
-        }
-        optimizer = build_optimizer(module, cfg.optim)
+        optimizer = build_optimizer(module, job.cfg.optim)
+        mpu = MPU(dims, dims.new_self_group() if dims.world_size > 1 else dist.group.WORLD)
         self.model, self.optimizer, _, _ = deepspeed.initialize(
-            model=module, optimizer=optimizer, config=ds_config, mpu=MPU(dims), dist_init_required=False)
+            model=module, optimizer=optimizer, config=deepspeed_config(job, device), mpu=mpu,
+            dist_init_required=False)
         # DeepSpeed's checkpoint engine loads with weights_only=False: a hostile file in a run
         # directory would run code on resume. Ours loads with weights_only=True (same file format).
         self.model.checkpoint_engine = deepspeed_checkpoint_engine(self.model._config)
-
-    def accumulate(self, last: bool):
-        return contextlib.nullcontext()  # the engine knows its accumulation boundary itself
 
     def set_lr(self, lr: float) -> None:
         set_lr(self.optimizer, lr)
 
     def backward(self, loss: torch.Tensor) -> None:
-        # DeepSpeed counts micro-steps itself: backward (scaled by 1 / accumulation steps) and
-        # step() after every micro-batch; step() only updates at the accumulation boundary.
+        # DeepSpeed scales by 1 / accumulation steps and counts micro-steps itself: its step()
+        # must follow every micro-batch's backward, and updates only at the accumulation
+        # boundary. So here, before the boundary, it only counts; step() below is the update.
         self.model.backward(loss)
-        self.model.step()
+        if not self.model.is_gradient_accumulation_boundary():
+            self.model.step()
 
     def step(self) -> float:
+        self.model.step()
         norm = self.model.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
 
     def full_parameters(self):
         """ZeRO-3 keeps 1/dp of each parameter between steps: gather them (read-only) for the
         rank file, so a checkpoint holds full tensors whatever the stage. Collective."""
-        if self.cfg.parallel.zero_stage != 3:
+        if self.zero_stage != 3:
             return contextlib.nullcontext()
         return self._deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
 
@@ -218,7 +221,7 @@ def _reduce_sequence_parallel_grads_in_backward(module: nn.Module, dims: Paralle
     """DeepSpeed reduces and partitions gradients inside backward, so the TP all-reduce of the
     sequence-parallel norm weights cannot wait for the step: do it as each gradient arrives."""
     for p in module.parameters():
-        if getattr(p, "sequence_parallel", False):
+        if is_sequence_parallel(p):
             p.register_hook(lambda g: _all_reduced(g, dims.tp_group))
 
 
@@ -228,6 +231,28 @@ def _all_reduced(grad: torch.Tensor, group) -> torch.Tensor:
     return grad
 
 
-def build_engine(module: nn.Module, dims: ParallelDims, cfg: Config, accum_steps: int, device: torch.device):
-    cls = DeepSpeedEngine if cfg.parallel.engine == "deepspeed" else TorchEngine
-    return cls(module, dims, cfg, accum_steps, device)
+def deepspeed_config(job: Job, device: torch.device) -> dict:
+    """DeepSpeed's config for this job: ZeRO stage, batch arithmetic, clipping, bf16."""
+    cfg = job.cfg
+    zero = {"stage": cfg.parallel.zero_stage}
+    if cfg.parallel.zero_stage == 3:
+        zero["stage3_param_persistence_threshold"] = cfg.parallel.zero3_persistence_threshold
+    if cfg.parallel.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
+    return {
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": job.accum,
+        "train_batch_size": cfg.train.global_batch_size,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": job.bf16},
+        "steps_per_print": 10**9,
+        "zero_allow_untested_optimizer": True,
+        # keep our torch AdamW (with its weight-decay groups) even with optimizer offload
+        "zero_force_ds_cpu_optimizer": False,
+    }
+
+
+def build_engine(module: nn.Module, dims: ParallelDims, job: Job, device: torch.device) -> Engine:
+    cls = DeepSpeedEngine if job.cfg.parallel.engine == "deepspeed" else TorchEngine
+    return cls(module, dims, job, device)

@@ -1,0 +1,51 @@
+"""The cost model: the extra time a policy adds to a step, estimated from FLOPs and bytes.
+
+Recomputed FLOPs at hardware.peak_tflops * hardware.mfu, recomputed elementwise modules at
+hardware.memory_bandwidth, offload copies beyond what the block's own compute hides at
+hardware.host_bandwidth, and partition all-gathers (not overlapped) at hardware.tp_bandwidth.
+These rank policies against each other; they are not measurements.
+"""
+
+from __future__ import annotations
+
+from bigtrain.config import parse_bytes
+from bigtrain.job import Job
+from bigtrain.recompute.accounting import span_bytes
+from bigtrain.recompute.policy import Span
+
+
+def overhead(job: Job, n, spans: list[Span]) -> float:
+    """Estimated extra time of the step under `spans`, as a fraction of the no-recompute step.
+    n: this rank's parameter counts (memory.Params)."""
+    hw, sh, m = job.cfg.hardware, job.shape, job.cfg.model
+    flops = hw.peak_tflops * 1e12 * hw.mfu
+    S, t = sh.b * sh.s, job.tp
+    attn_fwd = 4 * S * sh.s * m.dim / t  # q k^T and probs v over the full square (as flops_per_token)
+    mlp_fwd = 2 * S * 3 * m.dim * m.hidden / t
+    block_fwd = 2 * S * n.per_block + attn_fwd  # n.per_block is already this rank's share
+    step = 3 * (m.n_layers * block_fwd + 2 * S * n.vocab) / flops
+    hbm, host, tpbw = hw.memory_bandwidth * 1e9, hw.host_bandwidth * 1e9, hw.tp_bandwidth * 1e9
+    Sr = S // t if sh.sp else S
+    min_bytes = parse_bytes(job.cfg.recompute.offload_min_size)
+    extra = 0.0
+    for span in spans:
+        k = span.stop - span.start
+        fwd_time = k * block_fwd / flops
+        if span.checkpointed:
+            extra += fwd_time
+        for name in span.modules:
+            if name == "mlp":
+                extra += k * mlp_fwd / flops
+            elif name == "core_attn":
+                extra += k * attn_fwd / flops
+            elif name == "norm":
+                extra += k * 2 * 3 * 4 * Sr * m.dim / hbm  # read the input, write two outputs, per norm
+            elif name == "mlp_act":
+                extra += k * 3 * sh.elem * S * m.hidden / t / hbm
+        if span.offload:
+            moved = span_bytes(sh, span, min_bytes)[1] / host
+            # device->host during the span's forward, host->device during the next span's backward
+            extra += max(0.0, moved - fwd_time) + max(0.0, moved - 2 * fwd_time)
+        if span.partition and t > 1 and not sh.sp:
+            extra += 4 * S * m.dim * (t - 1) / t / tpbw  # the replay's all-gather, not overlapped
+    return extra / step

@@ -1,0 +1,172 @@
+"""The memory model: one rank's bytes over a training step, for a resolved Job.
+
+- parameters, gradients and optimizer states, counted exactly from the model built on the meta
+  device and sharded like the real run (vocab padding included), with ZeRO sharding and
+  optimizer offload for the DeepSpeed engine;
+- activations kept for backward: the per-block formula (bigtrain.recompute.accounting, exact
+  against the saved-bytes accountant) for each span of the policy, plus what the embedding,
+  final norm, output layer and loss keep;
+- transients: the logits and the loss's fp32 copies at the end of forward, their gradients at
+  the start of backward, the replay of one checkpointed span during backward, and AdamW's
+  foreach temporary in the optimizer step;
+- the peak is the maximum over the step -- end of forward, each span of backward (kept bytes
+  shrink while gradients grow), optimizer step -- not a sum of everything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from bigtrain.config import parse_bytes
+from bigtrain.job import Job
+from bigtrain.model import build_model
+from bigtrain.parallel.dims import ParallelDims
+from bigtrain.planner.cost import overhead
+from bigtrain.recompute.accounting import outside_tensors, saved_tensors, span_bytes
+from bigtrain.recompute.policy import Span
+
+GiB = 2**30
+
+
+@dataclass
+class Params:
+    total: int  # parameters on this rank (tied weights once)
+    decay: int  # in the weight-decay group (matrices)
+    per_block: int  # of one block
+    vocab: int  # of the embedding/output (tied: once)
+    output: int  # of the output layer (its gradient is the first one backward allocates)
+
+
+def rank_params(job: Job) -> Params:
+    """Exact parameter counts of one rank: the model built on meta and sharded like the run."""
+    from bigtrain.parallel.parallelize import parallelize
+
+    model = build_model(replace(job.cfg.model, dropout=0.0))
+    if job.tp > 1:
+        parallelize(model, ParallelDims(world_size=job.tp, rank=0, tp=job.tp, sequence_parallel=job.sp))
+    seen, total, decay = set(), 0, 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+            decay += p.numel() if p.ndim >= 2 else 0
+    per_block = sum(p.numel() for p in model.layers[0].parameters())
+    vocab = sum(p.numel() for p in {id(p): p for p in (model.tok_embeddings.weight, model.output.weight)}.values())
+    return Params(total, decay, per_block, vocab, model.output.weight.numel())
+
+
+@dataclass
+class States:
+    """Bytes of parameters, gradients and optimizer on one rank (device unless said)."""
+    params: int
+    grads: int
+    optimizer: int  # AdamW moments (+ fp32 master weights under DeepSpeed bf16)
+    buffers: int  # communication buckets
+    host: int  # optimizer states offloaded to the host
+    grads_persistent: bool  # gradients exist during forward (DDP buckets, accumulation, DeepSpeed)
+    step_temp: int  # AdamW foreach temporary during the optimizer step
+
+
+def model_states(job: Job, n: Params) -> States:
+    p = job.cfg.parallel
+    if p.engine == "ddp":
+        # fp32 parameters and gradients (autocast computes in bf16, the weights stay fp32); DDP's
+        # gradients are views of its buckets (gradient_as_bucket_view), allocated up front.
+        return States(params=4 * n.total, grads=4 * n.total, optimizer=8 * n.total, buffers=0, host=0,
+                      grads_persistent=job.dp > 1 or job.accum > 1, step_temp=4 * n.decay)
+    # DeepSpeed ZeRO (approximate: DeepSpeed's own buffers are modelled, not cross-checked).
+    pb = 2 if job.bf16 else 4  # bf16 engine: bf16 module weights and gradients
+    dp, stage = job.dp, p.zero_stage
+    master = 4 * n.total if pb == 2 else 0  # fp32 master weights next to bf16 ones
+    optimizer = (master + 8 * n.total) // dp
+    grads = (4 * n.total) // dp if stage >= 2 else pb * n.total  # fp32 partition vs full bf16/fp32
+    params = pb * n.total // dp if stage == 3 else pb * n.total
+    bucket = pb * min(n.total, 500_000_000)  # reduce_bucket_size's default, 5e8 elements
+    if stage == 3:
+        # gathered working set: this block and the prefetched next, or the output layer's weight
+        bucket += max(2 * pb * n.per_block, pb * n.output * job.tp)
+    host = 0
+    if p.offload_optimizer:
+        host, optimizer = optimizer, 0
+    return States(params, grads, optimizer, bucket, host, grads_persistent=True,
+                  step_temp=0 if p.offload_optimizer else 4 * n.decay // dp)
+
+
+# --------------------------------------------------------------------------------------------
+# The peak over one step
+
+
+@dataclass
+class Estimate:
+    """One rank's memory for one policy: components, phases and the peak (bytes)."""
+    policy: str
+    spans: list[Span]
+    components: dict[str, int]
+    phases: dict[str, int]
+    host: int
+    overhead: float  # estimated extra step time from recompute/offload/partition, fraction
+    activations: int  # kept on the device by the blocks at the end of forward
+
+    @property
+    def peak(self) -> int:
+        return max(self.phases.values())
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases, key=self.phases.get)
+
+
+def estimate(job: Job, spans: list[Span], policy: str = "", n: Params | None = None) -> Estimate:
+    """The memory (and extra time) of one rank under `spans`."""
+    n = n or rank_params(job)
+    st = model_states(job, n)
+    sh = job.shape
+    min_bytes = parse_bytes(job.cfg.recompute.offload_min_size)
+    kept = [span_bytes(sh, s, min_bytes) for s in spans]
+    kept_dev = [d for d, _ in kept]
+    outside = sum(outside_tensors(sh, job.padded_vocab).values())
+    S, v_local = sh.b * sh.s, job.padded_vocab // job.tp
+    # End of forward: the logits (elem bytes) while the loss makes its fp32 softmax; with bf16
+    # logits at tp=1, F.cross_entropy also makes an fp32 copy first.
+    logits_fwd = sh.elem * S * v_local + (4 * S * v_local if sh.elem == 2 and job.tp == 1 else 0)
+    # Start of backward. tp=1: F.cross_entropy's two fp32 gradients (of the log-probabilities,
+    # then of the logits) live together. tp>1: the vocab-parallel loss turns its kept softmax
+    # into the gradient in place; only a bf16 copy is new.
+    logits_bwd = 8 * S * v_local if job.tp == 1 else (sh.elem * S * v_local if sh.elem == 2 else 0)
+    grads_up_front = st.grads if st.grads_persistent else 0
+    base = st.params + st.optimizer + st.buffers + grads_up_front
+    phases = {"forward": base + sum(kept_dev) + outside + logits_fwd}
+    # Backward, span by span from the last: kept bytes are freed as gradients are allocated;
+    # a checkpointed span first replays its blocks (their none-mode activations).
+    # Gradients allocated by backward itself (when they do not exist up front): the output
+    # layer's first, then each block's as its backward runs (the embedding's comes last).
+    grad_bytes = 0 if st.grads_persistent else st.grads // max(1, n.total)
+    cur = base + sum(kept_dev) + outside
+    peak_bwd = cur + logits_bwd  # before the output layer's backward allocates its gradient
+    grads = grad_bytes * n.output
+    none_block = sum(saved_tensors(sh).values())
+    host_of = [h for _, h in kept]
+    for i in range(len(spans) - 1, -1, -1):
+        span, dev = spans[i], kept_dev[i]
+        replay = none_block * (span.stop - span.start) if span.checkpointed else 0
+        # An offloaded span's kept tensors come back to the device for its backward, and the
+        # span before it is prefetched at the same time.
+        back = host_of[i] + (host_of[i - 1] if i > 0 else 0)
+        peak_bwd = max(peak_bwd, cur + grads + replay + back)
+        cur -= dev
+        grads += grad_bytes * n.per_block * (span.stop - span.start)
+    phases["backward"] = peak_bwd
+    phases["optimizer step"] = st.params + st.grads + st.optimizer + st.buffers + st.step_temp
+    # What is resident at the peak, by component (they add up to the peak).
+    states = {"parameters": st.params, "gradients": st.grads, "optimizer states": st.optimizer,
+              "communication buffers": st.buffers}
+    peak_phase = max(phases, key=phases.get)
+    if peak_phase == "optimizer step":
+        components = {**states, "activations (blocks)": 0, "activations (embedding, norm, loss)": 0,
+                      "transient (logits, replay, optimizer)": st.step_temp}
+    else:
+        components = {**states, "gradients": grads_up_front, "activations (blocks)": sum(kept_dev),
+                      "activations (embedding, norm, loss)": outside}
+        components["transient (logits, replay, optimizer)"] = phases[peak_phase] - sum(components.values())
+    host = st.host + sum(h for _, h in kept)
+    return Estimate(policy, spans, components, phases, host, overhead(job, n, spans), sum(kept_dev))

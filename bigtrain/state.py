@@ -1,0 +1,123 @@
+"""A running job's state in and out of checkpoints: what to resume from, save, restore.
+
+    source = find_resume(cfg)              # train.resume: auto, none or a path
+    save_state(c, step, data_state)        # collective: rank files, engine files, manifest
+    step = restore_state(c, source)        # same layout, or resharded from another tp/dp
+
+bigtrain.checkpoint holds the file format (atomic directories, rank files, resharding);
+this module decides what goes into them for a run's components (`c`, a
+bigtrain.build.Components: it is not imported here, since build imports this module).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bigtrain import checkpoint as ckpt
+from bigtrain.config import Config, to_dict
+from bigtrain.errors import UserError
+from bigtrain.job import Job
+from bigtrain.parallel.layers import my_slice
+
+
+def find_resume(cfg: Config) -> Path | None:
+    """The checkpoint train.resume names (auto: the newest in train.out_dir, if any)."""
+    r, out_dir = cfg.train.resume, Path(cfg.train.out_dir)
+    latest = ckpt.latest_checkpoint(out_dir)
+    if r == "auto":
+        return latest
+    if r == "none":
+        if latest is not None:
+            raise UserError(f"train.out_dir {str(out_dir)!r} already holds checkpoints (latest "
+                            f"{latest.name}); pass train.resume=auto to continue it, or choose another train.out_dir")
+        return None
+    path = Path(r)
+    if not path.exists():
+        raise UserError(f"train.resume={r!r}: no such checkpoint directory; use auto, none or a checkpoints/step_* path")
+    return path
+
+
+def is_weights_only(path: str | Path) -> bool:
+    """Whether a checkpoint holds model weights only (written by import-hf)."""
+    return bool(ckpt.read_manifest(path).get("weights_only", False))
+
+
+def load_weights_only(module, job: Job, path: Path, announce: bool) -> None:
+    """A weights-only checkpoint's model weights (any layout) into `module` (any layout): full
+    tensors, then each parameter's own tensor-parallel slice. The optimizer, data order and RNG
+    start fresh, at step 0."""
+    manifest = ckpt.read_manifest(path)
+    check_same_model(manifest["config"]["model"], to_dict(job.cfg)["model"], path)
+    params = dict(module.named_parameters())
+    mine = {}
+    for name, t in ckpt.full_model_state(path, manifest).items():
+        mine[name] = my_slice(params[name], t) if name in params else t
+    ckpt.load_model_state(module, mine, str(path))
+    if announce:
+        print(f"initialised from the weights of {path} (weights only: fresh optimizer, step 0)", flush=True)
+
+
+def save_state(c, step: int, data_state: dict) -> Path:
+    """Checkpoint the job at `step` (collective): this rank's model shards, engine state, RNG
+    and the data position; rank 0 publishes the directory."""
+    with c.engine.full_parameters():
+        model = {n: p.detach().cpu().clone() for n, p in c.module.named_parameters()}
+    rank_state = {
+        "model": model,
+        **c.engine.state_dict(),
+        "shards": ckpt.shard_meta(c.module),
+        "rng": ckpt.rng_state(),
+        "rng_tracker": c.rng.get_states(),  # the "tp" dropout stream of this TP rank
+        "step": step,
+    }
+    cfg = c.job.cfg
+    manifest = {"config": to_dict(cfg), "data": data_state, "engine": cfg.parallel.engine}
+    return ckpt.save_checkpoint(cfg.train.out_dir, step, rank_state, manifest, c.dims,
+                                cfg.checkpoint.keep_last, write_extra=c.engine.save)
+
+
+def restore_state(c, path: Path) -> int:
+    """Restore weights, optimizer, RNG and data position from a full checkpoint; returns its
+    step. At another tp/dp layout (DDP only) the model and optimizer are resharded."""
+    cfg, dims = c.job.cfg, c.dims
+    manifest = ckpt.read_manifest(path)
+    check_same_model(manifest["config"]["model"], to_dict(cfg)["model"], path)
+    if manifest.get("engine", "ddp") != cfg.parallel.engine:
+        raise UserError(f"checkpoint {str(path)!r} was written with parallel.engine={manifest.get('engine')}; "
+                        f"resume it with the same engine")
+    same_layout = (manifest["tp"], manifest["dp"]) == (dims.tp, dims.dp)
+    if same_layout:
+        saved = ckpt.read_rank_file(path, dims.rank)
+        model_state, rng = saved["model"], saved["rng"]
+        c.engine.load_state_dict(saved)
+        if "rng_tracker" in saved:
+            c.rng.set_states(saved["rng_tracker"])
+    elif cfg.parallel.engine == "deepspeed":
+        raise UserError(f"checkpoint {str(path)!r} was written at tp={manifest['tp']} dp={manifest['dp']}; "
+                        f"DeepSpeed checkpoints resume only at the same layout (tp={dims.tp} dp={dims.dp} now)")
+    else:
+        model_state, optim_state = ckpt.reshard(path, manifest, c.module)
+        c.engine.load_state_dict({"optim": optim_state})
+        # The default RNG streams advance identically on every rank: take rank 0's. The
+        # per-TP-rank "tp" streams have no counterpart at another tp: they start afresh from
+        # the seed (this only matters with dropout inside split regions).
+        rng = ckpt.read_rank_file(path, 0)["rng"]
+    if not (same_layout and c.engine.loads_module_weights):
+        ckpt.load_model_state(c.module, model_state, str(path))
+    c.engine.load(path)
+    ckpt.set_rng_state(rng)
+    c.train_loader.load_state_dict(manifest["data"])
+    step = int(manifest["step"])
+    if dims.rank == 0:
+        how = "" if same_layout else f" (resharded from tp={manifest['tp']} dp={manifest['dp']})"
+        print(f"resumed from {path} at step {step}{how}", flush=True)
+    return step
+
+
+def check_same_model(saved: dict, current: dict, path: Path) -> None:
+    # max_seq_len and dropout do not change the weights' shapes or meaning.
+    ignore = {"max_seq_len", "dropout"}
+    diff = [f"model.{k}: {saved.get(k)!r} in checkpoint vs {current[k]!r}"
+            for k in current if k not in ignore and saved.get(k) != current[k]]
+    if diff:
+        raise UserError(f"checkpoint {str(path)!r} was written with a different model: {'; '.join(diff)}")

@@ -22,6 +22,7 @@ from typing import Any, Literal
 import yaml
 
 from bigtrain.errors import ConfigError
+from bigtrain.parallel.dims import check_sequence, check_sequence_parallel
 
 
 @dataclass
@@ -108,8 +109,7 @@ class ParallelConfig:
         _nonnegative(self, "dp", "zero3_persistence_threshold")
         if self.zero_stage not in (1, 2, 3):
             raise ConfigError(f"parallel.zero_stage={self.zero_stage} is not allowed; choose 1, 2 or 3")
-        if self.sequence_parallel and self.tp == 1:
-            raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1 (it splits the sequence over the tensor-parallel ranks)")
+        check_sequence_parallel(self.tp, self.sequence_parallel)
 
 
 @dataclass
@@ -330,9 +330,8 @@ class Config:
         if t.global_batch_size % t.micro_batch_size:
             raise ConfigError(f"train.global_batch_size({t.global_batch_size}) is not a multiple of "
                               f"train.micro_batch_size({t.micro_batch_size})")
-        if self.parallel.sequence_parallel and t.seq_len % self.parallel.tp:
-            raise ConfigError(f"train.seq_len({t.seq_len}) is not divisible by parallel.tp({self.parallel.tp}), "
-                              f"which sequence parallelism splits it over")
+        if self.parallel.sequence_parallel:
+            check_sequence(t.seq_len, self.parallel.tp, names=("train.seq_len", "parallel.tp"))
         r = self.recompute
         if r.granularity == "full" and r.num_layers > m.n_layers:
             raise ConfigError(f"recompute.num_layers({r.num_layers}) exceeds model.n_layers({m.n_layers})")

@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 
 import torch.distributed as dist
 
-from bigtrain.config import ModelConfig
-from bigtrain.errors import UserError
+from bigtrain.errors import ConfigError, UserError
 
 
 def check_layout(world_size: int, tp: int, dp: int = 0) -> tuple[int, int]:
@@ -35,8 +34,9 @@ def check_layout(world_size: int, tp: int, dp: int = 0) -> tuple[int, int]:
     return tp, dp
 
 
-def check_model(cfg: ModelConfig, tp: int) -> None:
-    """Raise UserError unless every dimension tensor parallelism splits is divisible by tp.
+def check_model(cfg, tp: int) -> None:
+    """Raise UserError unless every dimension tensor parallelism splits is divisible by tp
+    (cfg: a bigtrain.config.ModelConfig; not imported, since config.py uses this module).
 
     Query and kv heads are split whole (a rank owns n_heads/tp query heads and the
     n_kv_heads/tp kv heads they attend to), the SwiGLU hidden size is split evenly. The vocab
@@ -47,10 +47,17 @@ def check_model(cfg: ModelConfig, tp: int) -> None:
             raise UserError(f"{name}({value}) is not divisible by tp({tp})")
 
 
-def check_sequence(seq_len: int, tp: int) -> None:
-    """Sequence parallelism splits the sequence over the TP ranks: seq_len must divide."""
+def check_sequence_parallel(tp: int, sequence_parallel: bool) -> None:
+    """Sequence parallelism splits the sequence over the TP ranks: it needs more than one."""
+    if sequence_parallel and tp == 1:
+        raise ConfigError("sequence_parallel needs tp > 1 (it splits the sequence over the tensor-parallel ranks)")
+
+
+def check_sequence(seq_len: int, tp: int, names: tuple[str, str] = ("seq_len", "tp")) -> None:
+    """Sequence parallelism splits the sequence over the TP ranks: seq_len must divide.
+    `names`: what to call the two numbers in the message (e.g. the config keys)."""
     if seq_len % tp:
-        raise UserError(f"seq_len({seq_len}) is not divisible by tp({tp}), "
+        raise ConfigError(f"{names[0]}({seq_len}) is not divisible by {names[1]}({tp}), "
                         f"which sequence parallelism splits it over")
 
 
@@ -101,8 +108,7 @@ class ParallelDims:
         order, so each rank creates all TP groups and all DP groups and keeps its own.
         """
         tp, dp = check_layout(world_size, tp, dp)
-        if sequence_parallel and tp == 1:
-            raise UserError("sequence_parallel needs tp > 1 (it splits the sequence over the tensor-parallel ranks)")
+        check_sequence_parallel(tp, sequence_parallel)
         dims = cls(world_size, rank, tp, dp, sequence_parallel=sequence_parallel)
         if tp > 1:
             dims.tp_group = _mine([list(range(i * tp, (i + 1) * tp)) for i in range(dp)], rank, world_size)

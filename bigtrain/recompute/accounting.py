@@ -27,7 +27,10 @@ f = ffn_hidden, a = n_heads, per block:
                       s x s probabilities: q, k, v (expanded to all heads) and the output copy
                       4*e*S*h/t, plus probabilities, mask and dropped probabilities 3*e*S*a*s/t
 
-    bf16 autocast     + the bf16 copies of the block's linear weights, 2*(2h^2 + 2h*kv + 3hf)/t
+    bf16 autocast     autograd also saves the bf16 copies of the block's linear weights,
+                      2*(2h^2 + 2h*kv + 3hf)/t, but a span does not keep them: saved.py keeps a
+                      handle to the parameter and casts again in backward (a replay of a
+                      checkpointed span, which torch's hooks hold, still has them)
 
 fp32, no dropout, t = 1: S * (32h + 8kv + 16f + 4a + 8) bytes; for Llama-2-7B shapes (kv = h,
 f = 2.69h) that is ~83 S*h bytes per block, against 4 S*h (its fp32 input) with full recompute.
@@ -140,7 +143,8 @@ def saved_tensors(sh: Shape) -> dict[str, int]:
 
     Parameters are fp32, so the residual stream, the norms and the norm outputs are fp32 (4
     bytes) even under bf16 autocast; what the matmuls and attention save is `elem` bytes, and
-    autocast adds the bf16 copy of every linear weight (saved by its matmul).
+    autocast adds the bf16 copy of every linear weight (saved by its matmul; what a replay
+    holds -- a span itself keeps a handle to the parameter instead, see `_selective`).
     """
     m, t, e = sh.model, sh.tp, sh.elem
     S = sh.b * sh.s
@@ -208,6 +212,9 @@ def _selective(sh: Shape, modules: list[str]) -> dict[str, int]:
     S = sh.b * sh.s
     Sr = S // t if sh.sp else S
     kept = saved_tensors(sh)
+    # the weight casts are recast in backward, not kept (see saved.parameter_cast_of)
+    kept.pop("attention.weights_bf16", None)
+    kept.pop("feed_forward.weights_bf16", None)
     if "norm" in modules:
         for norm in ("attention_norm", "ffn_norm"):
             del kept[f"{norm}.rstd"], kept[f"{norm}.normalised"]  # the stash keeps the input
@@ -226,7 +233,6 @@ def _selective(sh: Shape, modules: list[str]) -> dict[str, int]:
     if "mlp" in modules:
         for name in ("gate", "up", "silu", "product"):
             del kept[f"feed_forward.{name}"]
-        kept.pop("feed_forward.weights_bf16", None)  # cast inside the replay
         kept["feed_forward.input"] = 4 * Sr * m.dim  # the stash keeps the MLP's own (fp32) input
     return kept
 

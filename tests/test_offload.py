@@ -379,3 +379,15 @@ def test_reserve_pins_the_pool_before_the_first_step(monkeypatch):
     assert len(chunks) == 16
     step(model)
     assert sv.pool.chunks == chunks and sv.pool.peak_requested <= 1 << 20  # the step allocated nothing
+
+
+def test_formula_keeps_the_last_explicit_span_on_the_device():
+    c = cfg(2, dropout=0.0)
+    plan = [Span(0, 1, offload=True), Span(1, 2, offload=True)]
+    model = model_with(None, c)
+    apply_recompute(model, ParallelDims.single(), rc(), plan=plan)
+    with ActivationAccountant(model) as acc:
+        model(TOKENS[:, :-1])
+    measured = {label: (b.device, b.host) for label, b in acc.report.blocks.items()}
+    assert measured == {label: (d, h) for label, d, h in block_formula(Shape(c, B, S), rc(), plan)}
+    assert measured["layer 1"][1] == 0 and measured["layer 0"][0] == 0

@@ -261,11 +261,12 @@ def span_bytes(sh: Shape, span, min_bytes: int) -> tuple[int, int]:
 
 def block_formula(sh: Shape, r: RecomputeConfig, plan=None) -> list[tuple[str, int, int]]:
     """Predicted (span label, device bytes, host bytes) for every span of the policy: r's spans,
-    or `plan` (explicit spans, e.g. chosen by granularity auto)."""
-    from bigtrain.recompute.policy import spans  # policy imports this module's users
+    or `plan` (explicit spans, e.g. chosen by granularity auto), with the last span on the
+    device as apply_recompute runs it."""
+    from bigtrain.recompute.policy import keep_last_on_device, spans  # policy imports this module's users
 
     min_bytes = parse_bytes(r.offload_min_size)
-    plan = plan if plan is not None else spans(r, sh.model.n_layers)
+    plan = keep_last_on_device(plan) if plan is not None else spans(r, sh.model.n_layers)
     return [(span.label, *span_bytes(sh, span, min_bytes)) for span in plan]
 
 

@@ -129,16 +129,19 @@ def _dedicated_stream(device: torch.device):
     stream is created through the CUDA runtime and wrapped; if the runtime library cannot be
     found, a pooled high-priority stream (NCCL uses the low-priority pool by default) is used.
     """
-    _, highest = torch.cuda.Stream.priority_range()  # (lowest, highest); lower number = higher priority
     with torch.cuda.device(device):
-        torch.cuda.current_stream(device).synchronize()  # the runtime's context exists on this thread
+        current = torch.cuda.current_stream(device)
+        current.synchronize()  # the runtime's context exists on this thread
+        _, highest = current.priority_range()  # (lowest, highest); a lower number is a higher priority
         for name in ("libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0", "libcudart.so"):
             try:
                 cudart = ctypes.CDLL(name)  # already loaded by torch: found by its soname
             except OSError:
                 continue
+            create = cudart.cudaStreamCreateWithPriority
+            create.argtypes, create.restype = [ctypes.c_void_p, ctypes.c_uint, ctypes.c_int], ctypes.c_int
             handle = ctypes.c_void_p()
-            if cudart.cudaStreamCreateWithPriority(ctypes.byref(handle), 1, highest) == 0:  # 1: cudaStreamNonBlocking
+            if create(ctypes.byref(handle), 1, highest) == 0:  # 1: cudaStreamNonBlocking, as torch's streams
                 # never destroyed: one per model, alive as long as copies may use it
                 return torch.cuda.ExternalStream(handle.value, device=device), "dedicated"
         return torch.cuda.Stream(device, priority=highest), "pooled high-priority"

@@ -27,7 +27,10 @@ f = ffn_hidden, a = n_heads, per block:
                       s x s probabilities: q, k, v (expanded to all heads) and the output copy
                       4*e*S*h/t, plus probabilities, mask and dropped probabilities 3*e*S*a*s/t
 
-    bf16 autocast     + the bf16 copies of the block's linear weights, 2*(2h^2 + 2h*kv + 3hf)/t
+    bf16 autocast     autograd also saves the bf16 copies of the block's linear weights,
+                      2*(2h^2 + 2h*kv + 3hf)/t, but a span does not keep them: saved.py keeps a
+                      handle to the parameter and casts again in backward (a replay of a
+                      checkpointed span, which torch's hooks hold, still has them)
 
 fp32, no dropout, t = 1: S * (32h + 8kv + 16f + 4a + 8) bytes; for Llama-2-7B shapes (kv = h,
 f = 2.69h) that is ~83 S*h bytes per block, against 4 S*h (its fp32 input) with full recompute.
@@ -47,7 +50,7 @@ import torch
 from torch import nn
 
 from bigtrain.config import ModelConfig, RecomputeConfig, parse_bytes
-from bigtrain.recompute.policy import spans_of
+from bigtrain.recompute.policy import keep_last_on_device, spans_of
 from bigtrain.recompute.saved import storage_key
 
 
@@ -141,7 +144,8 @@ def saved_tensors(sh: Shape) -> dict[str, int]:
 
     Parameters are fp32, so the residual stream, the norms and the norm outputs are fp32 (4
     bytes) even under bf16 autocast; what the matmuls and attention save is `elem` bytes, and
-    autocast adds the bf16 copy of every linear weight (saved by its matmul).
+    autocast adds the bf16 copy of every linear weight (saved by its matmul; what a replay
+    holds -- a span itself keeps a handle to the parameter instead, see `_selective`).
     """
     m, t, e = sh.model, sh.tp, sh.elem
     S = sh.b * sh.s
@@ -209,6 +213,9 @@ def _selective(sh: Shape, modules: list[str]) -> dict[str, int]:
     S = sh.b * sh.s
     Sr = S // t if sh.sp else S
     kept = saved_tensors(sh)
+    # the weight casts are recast in backward, not kept (see saved.parameter_cast_of)
+    kept.pop("attention.weights_bf16", None)
+    kept.pop("feed_forward.weights_bf16", None)
     if "norm" in modules:
         for norm in ("attention_norm", "ffn_norm"):
             del kept[f"{norm}.rstd"], kept[f"{norm}.normalised"]  # the stash keeps the input
@@ -227,7 +234,6 @@ def _selective(sh: Shape, modules: list[str]) -> dict[str, int]:
     if "mlp" in modules:
         for name in ("gate", "up", "silu", "product"):
             del kept[f"feed_forward.{name}"]
-        kept.pop("feed_forward.weights_bf16", None)  # cast inside the replay
         kept["feed_forward.input"] = 4 * Sr * m.dim  # the stash keeps the MLP's own (fp32) input
     return kept
 
@@ -256,9 +262,10 @@ def span_bytes(sh: Shape, span, min_bytes: int) -> tuple[int, int]:
 
 def block_formula(sh: Shape, r: RecomputeConfig, spans=None) -> list[tuple[str, int, int]]:
     """Predicted (span label, device bytes, host bytes) for every span of the policy: r's spans,
-    or `spans` (explicit ones, e.g. chosen by granularity auto)."""
+    or `spans` (explicit ones, e.g. chosen by granularity auto), with the last span on the
+    device as apply_recompute runs it."""
     min_bytes = parse_bytes(r.offload_min_size)
-    spans = spans if spans is not None else spans_of(r, sh.model.n_layers)
+    spans = keep_last_on_device(spans) if spans is not None else spans_of(r, sh.model.n_layers)
     return [(span.label, *span_bytes(sh, span, min_bytes)) for span in spans]
 
 

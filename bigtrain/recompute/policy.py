@@ -14,13 +14,16 @@ the model. Parameter names never change, so checkpoints move freely between poli
                            the host).
     granularity auto       a policy per block, chosen by bigtrain.planner from memory_budget.
 
+With offload, the last span keeps its tensors on the device whatever its policy says (see
+`keep_last_on_device`).
+
 Which combinations make sense is checked in config.py (RecomputeConfig.validate and
 Config.validate), before any process starts. Sequence parallelism is read from `dims`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -68,11 +71,25 @@ def spans_of(cfg: RecomputeConfig, n_layers: int) -> list[Span]:
     if cfg.granularity == "full":
         k = cfg.num_layers
         if cfg.method == "uniform":
-            return [Span(i, min(i + k, n_layers), True, offload=off, partition=part) for i in range(0, n_layers, k)]
-        # method block: the first k blocks are checkpointed, the others keep everything
-        return [Span(i, i + 1, i < k, offload=off, partition=part and i < k) for i in range(n_layers)]
-    modules = tuple(cfg.modules) if cfg.granularity == "selective" else ()
-    return [Span(i, i + 1, modules=modules, offload=off) for i in range(n_layers)]
+            plan = [Span(i, min(i + k, n_layers), True, offload=off, partition=part) for i in range(0, n_layers, k)]
+        else:  # method block: the first k blocks are checkpointed, the others keep everything
+            plan = [Span(i, i + 1, i < k, offload=off, partition=part and i < k) for i in range(n_layers)]
+    else:
+        modules = tuple(cfg.modules) if cfg.granularity == "selective" else ()
+        plan = [Span(i, i + 1, modules=modules, offload=off) for i in range(n_layers)]
+    return keep_last_on_device(plan)
+
+
+def keep_last_on_device(plan: list[Span]) -> list[Span]:
+    """`plan` with the last span not offloaded (as Megatron does).
+
+    Its backward runs first, right after the forward: offloading it would copy its tensors out
+    and straight back, with nothing to hide either copy behind, and its device memory would be
+    needed again at the very start of backward anyway.
+    """
+    if not plan or not plan[-1].offload:
+        return plan
+    return [*plan[:-1], replace(plan[-1], offload=False)]
 
 
 class BlockRunner:
@@ -88,6 +105,7 @@ class BlockRunner:
         self.dims = dims
         self.rng = rng  # the tracker whose "tp" stream parallelize() forks (None at tp=1)
         self.saved = SavedTensors(model, min_bytes=min_bytes)
+        self.saved.offloading = any(span.offload for span in spans)
 
     def partition_for(self, span: Span) -> ParallelDims | None:
         # Under sequence parallelism a block input already is this rank's 1/tp of the sequence:
@@ -105,13 +123,16 @@ class BlockRunner:
         self.saved.begin_forward(x.device)
         for span in self.spans:
             group = self.saved.open_group(span.label, span.offload)
-            with group.hooks():
-                if span.checkpointed:
-                    stash = Stash((x,), group, self.partition_for(span))
-                    x = checkpoint(self._run_span, stash, rope, span, rng=self.rng)
-                else:
-                    x = self._run_blocks(x, rope, span)
-            self.saved.close_group(group)
+            try:
+                with group.hooks():
+                    if span.checkpointed:
+                        stash = Stash((x,), group, self.partition_for(span))
+                        x = checkpoint(self._run_span, stash, rope, span, rng=self.rng)
+                    else:
+                        x = self._run_blocks(x, rope, span)
+                self.saved.close_group(group)
+            finally:  # a span that raises must not leave its group current (Recomputed reads it)
+                self.saved.current = None
         return x
 
     def _run_span(self, stash: Stash, rope: torch.Tensor, span: Span) -> torch.Tensor:
@@ -162,7 +183,7 @@ def apply_recompute(model: nn.Module, dims: ParallelDims, cfg: RecomputeConfig,
     spans: explicit spans (what granularity auto chose, see bigtrain.planner); else from `cfg`.
     rng: the RNG tracker parallelize() used (its streams are replayed); None at tp=1.
     """
-    spans = spans if spans is not None else spans_of(cfg, len(model.layers))
+    spans = keep_last_on_device(spans) if spans is not None else spans_of(cfg, len(model.layers))
     runner = BlockRunner(model, dims, spans, parse_bytes(cfg.offload_min_size), rng)
     for span in spans:
         for block in model.layers[span.start:span.stop]:

@@ -27,6 +27,7 @@ from bigtrain.model import build_model, init_weights
 from bigtrain.parallel.dims import ParallelDims
 from bigtrain.parallel.parallelize import parallelize
 from bigtrain.parallel.random import RNGTracker, seed_rng
+from bigtrain.planner.memory import offload_reservation
 from bigtrain.planner.search import choose_recompute
 from bigtrain.recompute import apply_recompute
 from bigtrain.recompute.policy import Span
@@ -58,6 +59,8 @@ def build(cfg: Config) -> Components:
     model = parallelize(build_model(job.cfg.model), dims, rng)  # on the meta device: no memory yet
     apply_recompute(model, dims, job.cfg.recompute, spans, rng)
     init_weights(model, job.cfg.train.seed, device=device)
+    if device.type == "cuda":  # pin the offload pool now: pinning in step 1 would stall every stream
+        model.block_runner.saved.reserve(device, *offload_reservation(job, model.block_runner.spans))
     if source is not None and state.is_weights_only(source):
         state.load_weights_only(model, job, source, announce=dims.rank == 0)
         source = None  # training starts at step 0 with a fresh optimizer

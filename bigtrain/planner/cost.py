@@ -11,7 +11,7 @@ from __future__ import annotations
 from bigtrain.config import parse_bytes
 from bigtrain.job import Job
 from bigtrain.recompute.accounting import span_bytes
-from bigtrain.recompute.policy import Span
+from bigtrain.recompute.policy import Span, keep_last_on_device
 
 
 def overhead(job: Job, n, spans: list[Span]) -> float:
@@ -28,9 +28,11 @@ def overhead(job: Job, n, spans: list[Span]) -> float:
     Sr = S // t if sh.sp else S
     min_bytes = parse_bytes(job.cfg.recompute.offload_min_size)
     extra = 0.0
-    for span in spans:
+    spans = keep_last_on_device(spans)  # as apply_recompute runs them
+    for i, span in enumerate(spans):
         k = span.stop - span.start
         fwd_time = k * block_fwd / flops
+        next_fwd = (spans[i + 1].stop - spans[i + 1].start) * block_fwd / flops if i + 1 < len(spans) else 0.0
         if span.checkpointed:
             extra += fwd_time
         for name in span.modules:
@@ -44,8 +46,9 @@ def overhead(job: Job, n, spans: list[Span]) -> float:
                 extra += k * 3 * sh.elem * S * m.hidden / t / hbm
         if span.offload:
             moved = span_bytes(sh, span, min_bytes)[1] / host
-            # device->host during the span's forward, host->device during the next span's backward
-            extra += max(0.0, moved - fwd_time) + max(0.0, moved - 2 * fwd_time)
+            # device->host during this span's and the next one's forward (two spans of copies in
+            # flight), host->device during the next span's backward (about twice its forward)
+            extra += max(0.0, moved - fwd_time - next_fwd) + max(0.0, moved - 2 * fwd_time)
         if span.partition and t > 1 and not sh.sp:
             extra += 4 * S * m.dim * (t - 1) / t / tpbw  # the replay's all-gather, not overlapped
     return extra / step

@@ -23,7 +23,8 @@ from bigtrain.model import build_model
 from bigtrain.parallel.dims import ParallelDims
 from bigtrain.planner.cost import overhead
 from bigtrain.recompute.accounting import outside_tensors, saved_tensors, span_bytes
-from bigtrain.recompute.policy import Span
+from bigtrain.recompute.policy import Span, keep_last_on_device
+from bigtrain.recompute.saved import CHUNK_BYTES
 
 GiB = 2**30
 
@@ -103,7 +104,8 @@ class Estimate:
     spans: list[Span]
     components: dict[str, int]
     phases: dict[str, int]
-    host: int
+    host: int  # kept on the host: offloaded activations and optimizer states
+    host_pinned: int  # the host pool's pinned reservation for the activations (whole chunks)
     overhead: float  # estimated extra step time from recompute/offload/partition, fraction
     activations: int  # kept on the device by the blocks at the end of forward
 
@@ -118,6 +120,7 @@ class Estimate:
 
 def estimate(job: Job, spans: list[Span], policy: str = "", n: Params | None = None) -> Estimate:
     """The memory (and extra time) of one rank under `spans`."""
+    spans = keep_last_on_device(spans)  # as apply_recompute runs them
     n = n or rank_params(job)
     st = model_states(job, n)
     sh = job.shape
@@ -135,7 +138,11 @@ def estimate(job: Job, spans: list[Span], policy: str = "", n: Params | None = N
     logits_bwd = 8 * S * v_local if job.tp == 1 else (sh.elem * S * v_local if sh.elem == 2 else 0)
     grads_up_front = st.grads if st.grads_persistent else 0
     base = st.params + st.optimizer + st.buffers + grads_up_front
-    phases = {"forward": base + sum(kept_dev) + outside + logits_fwd}
+    host_of = [h for _, h in kept]
+    # Two spans of device->host copies may be in flight: at the end of forward the last
+    # offloaded span's tensors may still be on the device.
+    in_flight = next((h for h in reversed(host_of) if h), 0)
+    phases = {"forward": base + sum(kept_dev) + outside + logits_fwd + in_flight}
     # Backward, span by span from the last: kept bytes are freed as gradients are allocated;
     # a checkpointed span first replays its blocks (their none-mode activations).
     # Gradients allocated by backward itself (when they do not exist up front): the output
@@ -145,13 +152,14 @@ def estimate(job: Job, spans: list[Span], policy: str = "", n: Params | None = N
     peak_bwd = cur + logits_bwd  # before the output layer's backward allocates its gradient
     grads = grad_bytes * n.output
     none_block = sum(saved_tensors(sh).values())
-    host_of = [h for _, h in kept]
     for i in range(len(spans) - 1, -1, -1):
         span, dev = spans[i], kept_dev[i]
         replay = none_block * (span.stop - span.start) if span.checkpointed else 0
         # An offloaded span's kept tensors come back to the device for its backward, and the
-        # span before it is prefetched at the same time.
-        back = host_of[i] + (host_of[i - 1] if i > 0 else 0)
+        # nearest earlier span with host copies is prefetched meanwhile (any span's backward
+        # prefetches it, offloaded or not).
+        prefetched = next((h for h in reversed(host_of[:i]) if h), 0)
+        back = host_of[i] + prefetched
         peak_bwd = max(peak_bwd, cur + grads + replay + back)
         cur -= dev
         grads += grad_bytes * n.per_block * (span.stop - span.start)
@@ -168,5 +176,19 @@ def estimate(job: Job, spans: list[Span], policy: str = "", n: Params | None = N
         components = {**states, "gradients": grads_up_front, "activations (blocks)": sum(kept_dev),
                       "activations (embedding, norm, loss)": outside}
         components["transient (logits, replay, optimizer)"] = phases[peak_phase] - sum(components.values())
-    host = st.host + sum(h for _, h in kept)
-    return Estimate(policy, spans, components, phases, host, overhead(job, n, spans), sum(kept_dev))
+    offloaded = sum(host_of)
+    pinned = -(-offloaded // CHUNK_BYTES) * CHUNK_BYTES  # the pool pins whole chunks
+    return Estimate(policy, spans, components, phases, st.host + offloaded, pinned, overhead(job, n, spans),
+                    sum(kept_dev))
+
+
+def offload_reservation(job: Job, spans: list[Span]) -> tuple[int, int]:
+    """(host bytes to pin, device bytes of reloads) for the offloaded spans: what the host pool
+    and the side stream reserve at build time so that step 1 does not stall on allocating them.
+    Reloads: a span's tensors and the prefetched earlier span's, at most two spans at once."""
+    min_bytes = parse_bytes(job.cfg.recompute.offload_min_size)
+    host_of = [span_bytes(job.shape, s, min_bytes)[1] for s in keep_last_on_device(spans)]
+    if not any(host_of):
+        return 0, 0
+    two = sorted(host_of)[-2:]
+    return sum(host_of), sum(two)

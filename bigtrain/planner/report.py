@@ -42,7 +42,8 @@ def report(job: Job, budget: int) -> dict:
 
 def _as_dict(e: Estimate) -> dict:
     return {"policy": e.policy, "peak_bytes": e.peak, "peak_phase": e.peak_phase, "components": e.components,
-            "phases": e.phases, "activation_bytes": e.activations, "host_bytes": e.host, "overhead": e.overhead}
+            "phases": e.phases, "activation_bytes": e.activations, "host_bytes": e.host, "host_pinned_bytes": e.host_pinned,
+            "overhead": e.overhead}
 
 
 def format_report(rep: dict) -> str:
@@ -55,7 +56,7 @@ def format_report(rep: dict) -> str:
              + f"; {rep['parameters_per_rank'] / 1e6:,.1f}M parameters per rank (every rank holds the same amounts)",
              "", f"configured policy: {c['policy']}", "", "| component | GiB per rank |", "|---|---|"]
     lines += [f"| {k} | {g(v)} |" for k, v in c["components"].items()]
-    lines += [f"| host memory (offloaded) | {g(c['host_bytes'])} |",
+    lines += [f"| host memory (offloaded; pinned pool {g(c['host_pinned_bytes'])}) | {g(c['host_bytes'])} |",
               f"| **peak** ({c['peak_phase']}) | **{g(c['peak_bytes'])}** |", "",
               f"policies (all blocks alike), budget {g(rep['budget_bytes'])} GiB per GPU:", "",
               "| policy | activations GiB | peak GiB | peak in | host GiB | est. extra step time | fits |",

@@ -260,11 +260,11 @@ def _check_plot_path(path: str) -> None:
     from bigtrain.errors import UserError, check_writable_dir
 
     p = Path(path).expanduser()
+    if p.is_dir():
+        raise UserError(f"--plot {path!r} is a directory; give a file name, e.g. {str(p / 'memory.png')!r}")
     if p.suffix.lower() not in PLOT_FORMATS:
         raise UserError(f"--plot {path!r}: unknown image format {p.suffix or '(none)'!r}; "
                         f"end the name with one of {', '.join(PLOT_FORMATS)}")
-    if p.is_dir():
-        raise UserError(f"--plot {path!r} is a directory; give a file name, e.g. {str(p / 'memory.png')!r}")
     if not p.parent.is_dir():
         raise UserError(f"--plot {path!r}: directory {str(p.parent)!r} does not exist; create it or choose another path")
     check_writable_dir(p.parent, "--plot directory")

@@ -551,7 +551,8 @@ def parse_bytes(text: str, key: str = "") -> int:
     """'70GiB' -> bytes. A non-negative decimal number and a unit: B, KB/KiB, MB/MiB, GB/GiB, TB/TiB
     (no unit: bytes). Computed exactly (no float rounding or overflow); below 2**64 bytes. `key`
     (e.g. hardware.gpu_memory) names the value in errors."""
-    what = f"{key}={text!r}" if key else repr(text)
+    shown = repr(text) if len(repr(text)) <= 40 else repr(text)[:30] + "...'"
+    what = f"{key}={shown}" if key else shown
     if not isinstance(text, str):
         raise ConfigError(f"{what} is not a size; write e.g. 70GiB or 80GB")
     m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]?i?B)?\s*", text, re.IGNORECASE)
@@ -565,5 +566,5 @@ def parse_bytes(text: str, key: str = "") -> int:
         raise ConfigError(f"{what} has an unknown unit {m.group(2)!r}; use B, KB, MB, GB, TB, KiB, MiB, GiB or TiB")
     n = int(fractions.Fraction(m.group(1)) * units[unit])
     if n >= 2**64:
-        raise ConfigError(f"{what} is {n:.3g} bytes, more than 16 EiB; is a unit wrong?")
+        raise ConfigError(f"{what} is more than 16 EiB (2**64 bytes); is a unit wrong?")
     return n

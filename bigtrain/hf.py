@@ -272,9 +272,9 @@ def export_hf(run: str | Path, out: str | Path, step: int | None = None, dtype: 
     if dtype not in _DTYPES:
         raise UserError(f"--dtype {dtype!r} is not allowed; choose one of {', '.join(_DTYPES)}")
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"--out {str(out)!r} already exists and is not empty; choose another directory or remove it")
     check_writable_dir(out, "--out")
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"--out {str(out)!r} already exists and is not empty; choose another directory or remove it")
     path = ckpt.find_checkpoint(run, step)
     manifest = ckpt.read_manifest(path)
     cfg = from_dict(manifest["config"])
@@ -455,10 +455,10 @@ def import_hf(model_dir: str | Path, out: str | Path, data: str | None = None) -
     model_cfg = model_config_from_hf(hf, source)
     if ckpt.list_checkpoints(out):
         raise UserError(f"--out {str(out)!r} already holds checkpoints; choose another run directory")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    check_writable_dir(out, "--out")
+    if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {str(out)!r} already exists and is not empty; import-hf writes a new run directory "
                         f"and never overwrites files: choose another --out or remove it")
-    check_writable_dir(out, "--out")
     state = from_hf_state(read_hf_state(model_dir), model_cfg, source)
 
     cfg = Config()

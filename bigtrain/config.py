@@ -441,7 +441,11 @@ def _coerce(value: Any, typ: Any, key: str, from_cli: bool) -> Any:
         if isinstance(value, str):
             text = value.strip()
             if text.startswith("["):
-                value = yaml.safe_load(text)
+                try:
+                    value = yaml.safe_load(text)
+                except yaml.YAMLError as e:
+                    raise ConfigError(f"{key}={text!r} is not a valid list ({str(e).splitlines()[0]}); "
+                                      f"write e.g. {key}=a,b or {key}=[a, b]") from None
             else:
                 value = [v.strip() for v in text.split(",") if v.strip()]
         if not isinstance(value, list):

@@ -114,6 +114,14 @@ def test_seed_range():
     assert load_config(None, ["train.seed=0"]).train.seed == 0
 
 
+@pytest.mark.parametrize("override", ["recompute.modules=[norm", "recompute.modules=[norm, [", "recompute.modules=[[1]]",
+                                      "recompute.modules=[{a: 1}]", "recompute.modules=[!!python/none x]"])
+def test_malformed_lists_are_one_line_errors(override):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert "recompute.modules" in str(e.value) and "\n" not in str(e.value)
+
+
 BAD_SIZES = ["1.2.3MiB", "-1GiB", "1e400B", "1e3GiB", "", ".", "GiB", "iB", "1iB", "1 GiBs", "nanGiB", "infB",
              "0x10MiB", "1,5GiB", "9" * 400 + "GiB", "99999999999TiB", "1 2 GiB"]
 

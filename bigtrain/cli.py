@@ -76,15 +76,40 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args)
     except UserError as e:
-        report_error(str(e))
+        report_error(str(e), consequence=getattr(e, "consequence", False))
         return 2
     except KeyboardInterrupt:
         return 130
 
 
-def report_error(message: str) -> None:
+def _after_peer_failure(e: BaseException):
+    """Under launch/train.sh: a collective that fails because a peer exited after reporting a user
+    error (e.g. a rank that was hung wakes up to find the others gone) is that error's
+    consequence, not a second error: it is filed as such (the launcher shows it only if nothing
+    else was reported). Waits up to 5 s for the peer's report (it may still be on its way)."""
+    import time
+
+    from bigtrain.distributed import is_peer_gone
+    from bigtrain.errors import ERROR_DIR_ENV, UserError
+
+    folder = os.environ.get(ERROR_DIR_ENV)
+    if not folder or not is_peer_gone(e):
+        return None
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        first = _first_error(Path(folder), consequences=False)
+        if first is not None:
+            err = UserError(f"lost the other ranks after they stopped with an error ({first})")
+            err.consequence = True
+            return err
+        time.sleep(0.2)
+    return None
+
+
+def report_error(message: str, consequence: bool = False) -> None:
     """One line for a user error: on stderr, or -- under launch/train.sh, which sets
-    BIGTRAIN_ERROR_DIR -- in that directory as rankNNNNN.err, for the launcher to print once."""
+    BIGTRAIN_ERROR_DIR -- in that directory as rankNNNNN.err (consequenceNNNNN.err when it only
+    follows another rank's error), for the launcher to print once."""
     from bigtrain.errors import ERROR_DIR_ENV
 
     rank = os.environ.get("RANK")
@@ -95,16 +120,18 @@ def report_error(message: str) -> None:
         try:
             tmp = Path(folder) / f".rank{int(rank):05d}.tmp"
             tmp.write_text(line + "\n")
-            tmp.replace(Path(folder) / f"rank{int(rank):05d}.err")  # the launcher never reads half a line
+            name = f"{'consequence' if consequence else 'rank'}{int(rank):05d}.err"
+            tmp.replace(Path(folder) / name)  # the launcher never reads half a line
             return
         except OSError:
             pass  # the folder is gone: say it here instead
     print(line, file=sys.stderr, flush=True)
 
 
-def _first_error(folder: Path) -> str | None:
-    """The line of the lowest rank that reported a user error in `folder`, if any."""
-    files = sorted(folder.glob("rank*.err"))
+def _first_error(folder: Path, consequences: bool = True) -> str | None:
+    """The line of the lowest rank that reported a user error in `folder`, if any; else (when
+    `consequences`) the lowest rank's report of a failure that followed another rank's."""
+    files = sorted(folder.glob("rank*.err")) or (sorted(folder.glob("consequence*.err")) if consequences else [])
     return files[0].read_text().strip() if files else None
 
 
@@ -191,7 +218,7 @@ def _run(args) -> int:
         try:
             Trainer(cfg).train()
         except Exception as e:
-            err = timeout_error(e, cfg.parallel.timeout_s)  # a stalled rank: name it, in one line
+            err = timeout_error(e, cfg.parallel.timeout_s) or _after_peer_failure(e)
             if err is None:
                 raise
             raise err from None

@@ -143,6 +143,15 @@ def timeout_error(e: BaseException, timeout_s: float) -> UserError | None:
     return UserError(f"{where}; {why}; raise parallel.timeout_s if a step legitimately takes longer")
 
 
+_PEER_GONE_RE = re.compile(r"Connection closed by peer|Connection reset by peer|Broken pipe|remote worker crash",
+                           re.IGNORECASE)
+
+
+def is_peer_gone(e: BaseException) -> bool:
+    """Whether `e` is a collective failing because another rank's process went away (gloo)."""
+    return isinstance(e, RuntimeError) and bool(_PEER_GONE_RE.search(str(e)))
+
+
 def teardown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

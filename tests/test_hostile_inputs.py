@@ -555,6 +555,13 @@ def test_lowest_rank_error_is_the_one_shown(tmp_path, monkeypatch, capsys):
         cli.report_error(f"problem on {rank}")
     assert capsys.readouterr().err == ""  # left for the launcher, not printed
     assert cli._first_error(tmp_path) == "bigtrain: error (rank 3): problem on 3"
+    monkeypatch.setenv("RANK", "0")
+    cli.report_error("only because rank 3 left", consequence=True)
+    assert cli._first_error(tmp_path) == "bigtrain: error (rank 3): problem on 3"  # the cause, not rank 0's echo
+    for f in tmp_path.glob("rank*.err"):
+        f.unlink()
+    assert cli._first_error(tmp_path) == "bigtrain: error: only because rank 3 left"  # better than nothing
+    monkeypatch.setenv("RANK", "7")
     monkeypatch.setenv(ERROR_DIR_ENV, str(tmp_path / "gone"))
     cli.report_error("still said")
     assert capsys.readouterr().err.strip() == "bigtrain: error (rank 7): still said"
@@ -606,7 +613,12 @@ def test_timeout_key_reaches_the_process_group():
 
 
 def test_only_timeouts_are_translated():
-    from bigtrain.distributed import is_collective_timeout, timeout_error
+    from bigtrain.cli import _after_peer_failure
+    from bigtrain.distributed import is_collective_timeout, is_peer_gone, timeout_error
+
+    gone = RuntimeError("[gloo/pair.cc:553] Connection closed by peer [127.0.0.1]:45963.")
+    assert is_peer_gone(gone) and not is_peer_gone(RuntimeError("shape mismatch"))
+    assert _after_peer_failure(gone) is None  # not under the launcher: the traceback stays
 
     assert is_collective_timeout(RuntimeError("[gloo/unbound_buffer.cc:78] Timed out waiting 3000ms for recv"))
     assert not is_collective_timeout(RuntimeError("CUDA out of memory"))
@@ -615,11 +627,15 @@ def test_only_timeouts_are_translated():
 
 
 @pytest.mark.slow
-def test_stalled_rank_under_torchrun_ends_the_job_in_one_line(tiny_data, tmp_path):
+@pytest.mark.parametrize("stall", ["hangs until killed", "wakes up to find rank 0 gone"])
+def test_stalled_rank_under_torchrun_ends_the_job_in_one_line(stall, tiny_data, tmp_path):
     """2 gloo ranks under the launcher; rank 1 sleeps mid-run. The job ends after about
-    parallel.timeout_s (not 30 minutes), with one line naming rank 1, exit 2."""
+    parallel.timeout_s (not 30 minutes), with one line naming rank 1, exit 2 -- also when rank 1
+    wakes before torchrun kills it and its collective fails on the vanished rank 0 (that failure
+    is filed as a consequence, not printed as a traceback)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "BIGTRAIN_TEST_STALL_RANK": "1",
-           "BIGTRAIN_TEST_STALL_S": "120", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "2"}
+           **({"BIGTRAIN_TEST_STALL_S": "120", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "2"} if stall == "hangs until killed"
+              else {"BIGTRAIN_TEST_STALL_S": "10", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "30"})}
     start = time.monotonic()
     r = subprocess.run([sys.executable, "-c", "import sys; from bigtrain.cli import torchrun_main; "
                         "sys.exit(torchrun_main(sys.argv[1:]))", "--standalone", "--nproc_per_node", "2",

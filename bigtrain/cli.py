@@ -87,6 +87,7 @@ def _after_peer_failure(e: BaseException):
     error (e.g. a rank that was hung wakes up to find the others gone) is that error's
     consequence, not a second error: it is filed as such (the launcher shows it only if nothing
     else was reported). Waits up to 5 s for the peer's report (it may still be on its way)."""
+    import re
     import time
 
     from bigtrain.distributed import is_peer_gone
@@ -99,7 +100,8 @@ def _after_peer_failure(e: BaseException):
     while time.monotonic() < deadline:
         first = _first_error(Path(folder), consequences=False)
         if first is not None:
-            err = UserError(f"lost the other ranks after they stopped with an error ({first})")
+            cause = re.sub(r"^bigtrain: error( \(rank \d+\))?: ", "", first)
+            err = UserError(f"lost the other ranks after they stopped with an error ({cause})")
             err.consequence = True
             return err
         time.sleep(0.2)

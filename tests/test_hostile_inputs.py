@@ -481,7 +481,7 @@ def test_export_hf_keeps_a_users_tmp_sibling(tmp_path):
     for name in (".hf.tmp", ".hf.tmpx", ".hf.12345.tmp"):
         assert (tmp_path / name / "precious.txt").read_text() == "mine"
     assert (tmp_path / "hf" / "model.safetensors").is_file()
-    assert oct((tmp_path / "hf").stat().st_mode & 0o777) != oct(0o700) or os.umask(0o022) == 0o077
+    assert (tmp_path / "hf").stat().st_mode & 0o777 == 0o777 & ~hf._umask()  # a directory's usual mode, not 0700
     left = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("."))
     assert left == [".hf.12345.tmp", ".hf.tmp", ".hf.tmpx"]  # nothing of ours left behind
 

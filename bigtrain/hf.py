@@ -368,7 +368,7 @@ def _index_files(index: Path, model_dir: Path) -> tuple[list[str], dict]:
     `model_dir` (no absolute path, no `..`, no symlink out), and its weight_map."""
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError, KeyError, TypeError) as e:
         raise UserError(f"{str(index)!r} is not a valid weight index ({type(e).__name__}: {e})") from None
     if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                    for k, v in weight_map.items()):
@@ -449,7 +449,7 @@ def import_hf(model_dir: str | Path, out: str | Path, data: str | None = None) -
                         f"transformers' save_pretrained")
     try:
         hf = json.loads(conf.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
         raise UserError(f"{str(conf)!r} is not valid JSON: {e}") from None
     source = f"--model {str(model_dir)!r}"
     model_cfg = model_config_from_hf(hf, source)

@@ -604,7 +604,7 @@ def test_timeout_names_the_rank_that_stopped_answering():
     assert took < 20, took
 
 
-def test_timeout_key_reaches_the_process_group():
+def test_timeout_key_defaults_and_validation():
     cfg = load_config(None, ["parallel.timeout_s=7.5"])
     assert cfg.parallel.timeout_s == 7.5 and Config().parallel.timeout_s == 600
     for bad in ("0", "-1", "nan"):
@@ -646,3 +646,22 @@ def test_stalled_rank_under_torchrun_ends_the_job_in_one_line(stall, tiny_data, 
     line = assert_user_error(r, "a collective timed out after 3 s", "rank(s) 1 stopped answering")
     assert line.startswith("bigtrain: error: rank 0:"), line
     assert took < 60, took
+
+
+@pytest.mark.parametrize("data", [b"\xff\xfe{}", bytes(range(256)), b"{\"vocab_size\": NaN", b"[]", b"null"])
+def test_json_files_that_are_not_json_objects(data, tiny_data, tmp_path):
+    """meta.json, an HF config.json and a weight index: bytes that are not UTF-8 JSON objects."""
+    from bigtrain import hf
+
+    d = copy_data(tiny_data, tmp_path / "d")
+    (d / "meta.json").write_bytes(data)
+    with pytest.raises(UserError, match="meta.json"):
+        load_meta(d)
+    m = _hf_dir(tmp_path)
+    (m / "model.safetensors.index.json").write_bytes(data)
+    with pytest.raises(UserError, match="index"):
+        hf.import_hf(m, tmp_path / "run")
+    (m / "config.json").write_bytes(data)
+    with pytest.raises(UserError, match="config.json|model"):
+        hf.import_hf(m, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

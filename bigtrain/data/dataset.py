@@ -64,7 +64,7 @@ def load_meta(path: str | Path) -> dict:
         raise UserError(f"data.path {str(path)!r} has no meta.json; {fix}")
     try:
         meta = json.loads(f.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
         raise UserError(f"{f} is not valid JSON ({e}); rerun `bigtrain prepare --out {path}`") from None
     if not isinstance(meta, dict):
         raise UserError(f"{f} holds a {type(meta).__name__}, not an object of fields; rerun `bigtrain prepare --out {path}`")

@@ -352,9 +352,8 @@ def _hf_dir(tmp_path: Path, name: str = "hf") -> Path:
     """A tiny Llama directory in transformers' format, sharded over two safetensors files."""
     from safetensors.torch import save_file
 
-    from bigtrain.hf import to_hf_state
+    from bigtrain.hf import model_config_from_hf, to_hf_state
     from bigtrain.model import build_model, init_weights
-    from bigtrain.hf import model_config_from_hf
 
     d = tmp_path / name
     d.mkdir()

@@ -22,6 +22,7 @@ from bigtrain.config import Config
 from bigtrain.data.dataset import BatchLoader, TokenDataset, load_meta
 from bigtrain.distributed import init_process_groups, process_env, select_device
 from bigtrain.engines import Engine, build_engine
+from bigtrain.errors import check_writable_dir
 from bigtrain.job import Job, resolve
 from bigtrain.model import build_model, init_weights
 from bigtrain.parallel.dims import ParallelDims
@@ -52,6 +53,7 @@ def build(cfg: Config) -> Components:
     world, rank, local_rank = process_env()
     device = select_device(cfg, local_rank)
     job = resolve(cfg, world, device.type, load_meta(cfg.data.path))  # every check, no collective yet
+    check_writable_dir(job.cfg.train.out_dir, "train.out_dir")
     dims = init_process_groups(job, rank, device)
     source = state.find_resume(job.cfg)
     rng = seed_rng(job.cfg.train.seed, dims)  # dropout streams; weights have per-parameter seeds

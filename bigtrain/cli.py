@@ -1,6 +1,8 @@
 """`bigtrain prepare | train | plan | sample | export-hf | import-hf | config`.
 
 User errors (`UserError`) end the program with one line on stderr and exit code 2, no traceback.
+Under launch/train.sh (torchrun) each rank leaves that line in a file and the launcher,
+`torchrun_main`, prints the lowest failing rank's line once and exits 2 (see `report_error`).
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -73,12 +76,125 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args)
     except UserError as e:
-        rank = os.environ.get("RANK")
-        prefix = f"bigtrain: error (rank {rank}): " if rank not in (None, "0") else "bigtrain: error: "
-        print(prefix + " ".join(str(e).split()), file=sys.stderr, flush=True)
+        report_error(str(e), consequence=getattr(e, "consequence", False))
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _after_peer_failure(e: BaseException):
+    """Under launch/train.sh: a collective that fails because a peer exited after reporting a user
+    error (e.g. a rank that was hung wakes up to find the others gone) is that error's
+    consequence, not a second error: it is filed as such (the launcher shows it only if nothing
+    else was reported). Waits up to 5 s for the peer's report (it may still be on its way)."""
+    import re
+    import time
+
+    from bigtrain.distributed import is_peer_gone
+    from bigtrain.errors import ERROR_DIR_ENV, UserError
+
+    folder = os.environ.get(ERROR_DIR_ENV)
+    if not folder or not is_peer_gone(e):
+        return None
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        first = _first_error(Path(folder), consequences=False)
+        if first is not None:
+            cause = re.sub(r"^bigtrain: error( \(rank \d+\))?: ", "", first)
+            err = UserError(f"lost the other ranks after they stopped with an error ({cause})")
+            err.consequence = True
+            return err
+        time.sleep(0.2)
+    return None
+
+
+def report_error(message: str, consequence: bool = False) -> None:
+    """One line for a user error: on stderr, or -- under launch/train.sh, which sets
+    BIGTRAIN_ERROR_DIR -- in that directory as rankNNNNN.err (consequenceNNNNN.err when it only
+    follows another rank's error), for the launcher to print once."""
+    from bigtrain.errors import ERROR_DIR_ENV
+
+    rank = os.environ.get("RANK")
+    prefix = f"bigtrain: error (rank {rank}): " if rank not in (None, "0") else "bigtrain: error: "
+    line = prefix + " ".join(message.split())
+    folder = os.environ.get(ERROR_DIR_ENV)
+    if folder and rank is not None and rank.isdigit():
+        try:
+            tmp = Path(folder) / f".rank{int(rank):05d}.tmp"
+            tmp.write_text(line + "\n")
+            name = f"{'consequence' if consequence else 'rank'}{int(rank):05d}.err"
+            tmp.replace(Path(folder) / name)  # the launcher never reads half a line
+            return
+        except OSError:
+            pass  # the folder is gone: say it here instead
+    print(line, file=sys.stderr, flush=True)
+
+
+def _first_error(folder: Path, consequences: bool = True) -> str | None:
+    """The line of the lowest rank that reported a user error in `folder`, if any; else (when
+    `consequences`) the lowest rank's report of a failure that followed another rank's."""
+    files = sorted(folder.glob("rank*.err")) or (sorted(folder.glob("consequence*.err")) if consequences else [])
+    return files[0].read_text().strip() if files else None
+
+
+class _HoldRecords:
+    """A logging filter that holds the records of torchrun's process watcher (its "failed
+    (exitcode: 2)" and "closing signal SIGTERM" lines) until we know whether a user error
+    explains them: then they are dropped, else replayed."""
+
+    def __init__(self):
+        self.held = []
+
+    def filter(self, record) -> bool:
+        if record.levelno >= 30:  # WARNING and above; INFO passes as usual
+            self.held.append(record)
+            return False
+        return True
+
+
+def torchrun_main(argv: list[str]) -> int:
+    """`python -m torch.distributed.run ARGV` as launch/train.sh runs it: a user error on any rank
+    ends the job with that one line (the lowest failing rank's), once, and exit code 2, instead of
+    one line per rank and torchrun's ChildFailedError traceback. Other failures keep torchrun's
+    report and exit code."""
+    import logging
+    import shutil
+    import tempfile
+
+    from bigtrain.errors import ERROR_DIR_ENV
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    folder = Path(tempfile.mkdtemp(prefix="bigtrain-errors-"))
+    os.environ[ERROR_DIR_ENV] = str(folder)  # the ranks inherit it
+    watcher = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
+    hold = _HoldRecords()
+    watcher.addFilter(hold)
+    try:
+        try:
+            run(parse_args(argv))
+            return 0
+        except ChildFailedError as e:
+            line = _first_error(folder)
+            if line is None:
+                _replay(watcher, hold)
+                print(f"torchrun: {e.format_msg()}", file=sys.stderr, flush=True)
+                return 1
+            print(line, file=sys.stderr, flush=True)
+            return 2
+        finally:
+            watcher.removeFilter(hold)
+            if _first_error(folder) is None:
+                _replay(watcher, hold)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _replay(logger, hold: _HoldRecords) -> None:
+    records, hold.held = hold.held, []
+    for record in records:
+        logger.handle(record)
 
 
 def _run(args) -> int:
@@ -89,6 +205,9 @@ def _run(args) -> int:
 
 def _prepare(args) -> int:
     from bigtrain.data.prepare import prepare
+    from bigtrain.errors import check_writable_dir
+
+    check_writable_dir(args.out, "--out")
 
     prepare(args.corpus or None, args.out, vocab_size=args.vocab_size, model_type=args.model_type,
             val_fraction=args.val_fraction, text_field=args.text_field)
@@ -99,11 +218,16 @@ def _train(args) -> int:
     from bigtrain.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    from bigtrain.distributed import teardown
+    from bigtrain.distributed import teardown, timeout_error
     from bigtrain.trainer import Trainer
 
     try:
         Trainer(cfg).train()
+    except Exception as e:
+        err = timeout_error(e, cfg.parallel.timeout_s) or _after_peer_failure(e)
+        if err is None:
+            raise
+        raise err from None
     finally:
         teardown()
     return 0
@@ -117,11 +241,14 @@ def _plan(args) -> int:
     from bigtrain.errors import UserError
     from bigtrain.job import resolve
 
+    if args.plot:
+        _check_plot_path(args.plot)
     cfg = load_config(args.config, args.overrides)
-    world = args.nproc or cfg.parallel.tp * max(1, cfg.parallel.dp)
+    world = args.nproc if args.nproc is not None else cfg.parallel.tp * max(1, cfg.parallel.dp)
     if world < 1:
         raise UserError(f"--nproc {world} must be >= 1")
-    budget = parse_bytes(args.gpu_memory or cfg.hardware.gpu_memory)
+    budget = parse_bytes(args.gpu_memory or cfg.hardware.gpu_memory,
+                         "--gpu-memory" if args.gpu_memory else "hardware.gpu_memory")
     rep = planner.report(resolve(cfg, world, args.device), budget)
     print(json.dumps(rep, indent=1) if args.json else planner.format_report(rep))
     if args.plot:
@@ -164,6 +291,24 @@ def _config(args) -> int:
     else:
         print(dump_yaml(load_config(args.config, args.overrides)), end="")
     return 0
+
+
+PLOT_FORMATS = (".png", ".pdf", ".svg", ".jpg", ".jpeg", ".eps", ".ps", ".tif", ".tiff", ".webp")
+
+
+def _check_plot_path(path: str) -> None:
+    """--plot FILE: a file matplotlib can write, in a directory that exists, checked before any work."""
+    from bigtrain.errors import UserError, check_writable_dir
+
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise UserError(f"--plot {path!r} is a directory; give a file name, e.g. {str(p / 'memory.png')!r}")
+    if p.suffix.lower() not in PLOT_FORMATS:
+        raise UserError(f"--plot {path!r}: unknown image format {p.suffix or '(none)'!r}; "
+                        f"end the name with one of {', '.join(PLOT_FORMATS)}")
+    if not p.parent.is_dir():
+        raise UserError(f"--plot {path!r}: directory {str(p.parent)!r} does not exist; create it or choose another path")
+    check_writable_dir(p.parent, "--plot directory")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import fractions
 import inspect
+import math
 import re
 import textwrap
 import typing
@@ -103,9 +105,11 @@ class ParallelConfig:
     """DeepSpeed ZeRO-3: parameters with fewer elements than this stay whole on every rank (DeepSpeed's stage3_param_persistence_threshold; 0 partitions every parameter)."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """Process-group backend; auto is nccl with CUDA, gloo on CPU."""
+    timeout_s: float = 600.0
+    """Seconds a collective waits for the other ranks before the job stops with an error naming the ranks that stopped answering (torch's default is 30 minutes)."""
 
     def validate(self) -> None:
-        _positive(self, "tp")
+        _positive(self, "tp", "timeout_s")
         _nonnegative(self, "dp", "zero3_persistence_threshold")
         if self.zero_stage not in (1, 2, 3):
             raise ConfigError(f"parallel.zero_stage={self.zero_stage} is not allowed; choose 1, 2 or 3")
@@ -136,13 +140,13 @@ class RecomputeConfig:
         bad = [m for m in self.modules if m not in RECOMPUTE_MODULES]
         if bad:
             raise ConfigError(f"recompute.modules has unknown {bad}; allowed: {', '.join(RECOMPUTE_MODULES)}")
-        parse_bytes(self.offload_min_size)
+        parse_bytes(self.offload_min_size, "recompute.offload_min_size")
         g = self.granularity
         if g == "auto":
             if not self.memory_budget:
                 raise ConfigError("recompute.granularity=auto needs recompute.memory_budget, the memory of one "
                                   "GPU it must fit in, e.g. 70GiB")
-            parse_bytes(self.memory_budget)
+            parse_bytes(self.memory_budget, "recompute.memory_budget")
             if self.offload:
                 raise ConfigError("recompute.granularity=auto chooses offload per block itself; "
                                   "leave recompute.offload=false")
@@ -238,6 +242,8 @@ class TrainConfig:
     def validate(self) -> None:
         _positive(self, "steps", "micro_batch_size", "global_batch_size", "seq_len")
         _nonnegative(self, "save_every", "eval_every")
+        if not 0 <= self.seed < SEED_LIMIT:  # torch.manual_seed takes < 2**64, and the "tp" stream adds an offset
+            raise ConfigError(f"train.seed={self.seed} must be in [0, 2**63)")
 
 
 @dataclass
@@ -296,7 +302,7 @@ class HardwareConfig:
         _positive(self, "peak_tflops", "mfu", "memory_bandwidth", "host_bandwidth", "tp_bandwidth")
         if self.mfu > 1:
             raise ConfigError(f"hardware.mfu={self.mfu} must be in (0, 1]")
-        parse_bytes(self.gpu_memory)
+        parse_bytes(self.gpu_memory, "hardware.gpu_memory")
 
 
 @dataclass
@@ -353,7 +359,14 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {str(p)!r} is not UTF-8 text (byte {e.start}: {e.reason}); "
+                              f"save it as UTF-8") from None
+        except OSError as e:
+            raise ConfigError(f"config file {str(p)!r} cannot be read: {e.strerror}") from None
+        try:
+            data = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {str(p)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(data, dict):
@@ -409,6 +422,11 @@ def _field_type(obj: Any, name: str, full: str):
     return hints[name]
 
 
+INT_LIMIT = 2**63
+"""Integer keys hold signed 64-bit values."""
+SEED_LIMIT = 2**63
+"""train.seed is in [0, SEED_LIMIT)."""
+
 _BOOLS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
 
 
@@ -424,7 +442,11 @@ def _coerce(value: Any, typ: Any, key: str, from_cli: bool) -> Any:
         if isinstance(value, str):
             text = value.strip()
             if text.startswith("["):
-                value = yaml.safe_load(text)
+                try:
+                    value = yaml.safe_load(text)
+                except yaml.YAMLError as e:
+                    raise ConfigError(f"{key}={text!r} is not a valid list ({str(e).splitlines()[0]}); "
+                                      f"write e.g. {key}=a,b or {key}=[a, b]") from None
             else:
                 value = [v.strip() for v in text.split(",") if v.strip()]
         if not isinstance(value, list):
@@ -439,22 +461,29 @@ def _coerce(value: Any, typ: Any, key: str, from_cli: bool) -> Any:
     if typ is int:
         if isinstance(value, bool):
             raise ConfigError(f"{key}={value!r} must be an integer")
-        if isinstance(value, int):
-            return value
         if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip().replace("_", "")):
-            return int(value.strip().replace("_", ""))
-        raise ConfigError(f"{key}={value!r} must be an integer")
+            value = int(value.strip().replace("_", ""))
+        if not isinstance(value, int):
+            raise ConfigError(f"{key}={value!r} must be an integer")
+        if not -INT_LIMIT <= value < INT_LIMIT:  # every int ends up in a C integer somewhere
+            raise ConfigError(f"{key}={value} does not fit in 64 bits; it must be in [-2**63, 2**63)")
+        return value
     if typ is float:
         if isinstance(value, bool):
             raise ConfigError(f"{key}={value!r} must be a number")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
+        number = None
+        if isinstance(value, (int, float, str)):
             try:  # YAML 1.1 reads "3e-4" as a string: accept it as the number it means
-                return float(value.strip())
+                number = float(value.strip() if isinstance(value, str) else value)
+            except OverflowError:  # an int beyond the float range
+                number = math.inf
             except ValueError:
                 pass
-        raise ConfigError(f"{key}={value!r} must be a number")
+        if number is None:
+            raise ConfigError(f"{key}={value!r} must be a number")
+        if not math.isfinite(number):  # nan passes every `x < 0` check: refuse it here, for every float key
+            raise ConfigError(f"{key}={value!r} must be a finite number (not nan or inf)")
+        return number
     if typ is str:
         if value is None:
             return ""
@@ -523,11 +552,24 @@ def _section(obj) -> str:
     return type(obj).__name__.removesuffix("Config").lower()
 
 
-def parse_bytes(text: str) -> int:
-    """'70GiB' -> bytes. Accepts B, KB/KiB, MB/MiB, GB/GiB, TB/TiB."""
-    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?i?B)?\s*", text or "", re.IGNORECASE)
+def parse_bytes(text: str, key: str = "") -> int:
+    """'70GiB' -> bytes. A non-negative decimal number and a unit: B, KB/KiB, MB/MiB, GB/GiB, TB/TiB
+    (no unit: bytes). Computed exactly (no float rounding or overflow); below 2**64 bytes. `key`
+    (e.g. hardware.gpu_memory) names the value in errors."""
+    shown = repr(text) if len(repr(text)) <= 40 else repr(text)[:30] + "...'"
+    what = f"{key}={shown}" if key else shown
+    if not isinstance(text, str):
+        raise ConfigError(f"{what} is not a size; write e.g. 70GiB or 80GB")
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]?i?B)?\s*", text, re.IGNORECASE)
     if not m:
-        raise ConfigError(f"{text!r} is not a size; write e.g. 70GiB or 80GB")
+        raise ConfigError(f"{what} is not a size: write a non-negative number and a unit "
+                          f"(B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), e.g. 70GiB or 80GB")
+    unit = (m.group(2) or "B").lower()
     units = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
              "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-    return int(float(m.group(1)) * units[(m.group(2) or "B").lower()])
+    if unit not in units:  # e.g. "iB"
+        raise ConfigError(f"{what} has an unknown unit {m.group(2)!r}; use B, KB, MB, GB, TB, KiB, MiB, GiB or TiB")
+    n = int(fractions.Fraction(m.group(1)) * units[unit])
+    if n >= 2**64:
+        raise ConfigError(f"{what} is more than 16 EiB (2**64 bytes); is a unit wrong?")
+    return n

@@ -47,8 +47,11 @@ safetensors package (`pip install 'bigtrain[hf]'` installs both).
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import re
 import shutil
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -56,7 +59,7 @@ import torch
 
 from bigtrain import checkpoint as ckpt
 from bigtrain.config import Config, ModelConfig, dump_yaml, from_dict, to_dict
-from bigtrain.errors import UserError
+from bigtrain.errors import UserError, check_writable_dir
 
 INSTALL = "pip install 'bigtrain[hf]'"
 
@@ -183,37 +186,62 @@ def hf_config(cfg: ModelConfig, bos_id: int, eos_id: int, dtype: str) -> dict:
     }
 
 
+_NO = object()
+
+
+def _field(hf: dict, key: str, kind: str, source: str, default=_NO):
+    """hf[key] checked against `kind`: "int" (a positive integer), "float" (a finite number), "bool",
+    "str" or "dict"; a missing (or null) key gives `default`, or an error when there is none."""
+    value = hf.get(key)
+    if value is None:
+        if default is _NO:
+            raise UserError(f"{source}: config.json lacks {key}; it is not a complete Llama config")
+        return default
+    ok = {"int": lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0,
+          "float": lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v),
+          "bool": lambda v: isinstance(v, bool), "str": lambda v: isinstance(v, str),
+          "dict": lambda v: isinstance(v, dict)}[kind](value)
+    if not ok:
+        want = {"int": "a positive integer", "float": "a finite number", "bool": "true or false",
+                "str": "a string", "dict": "an object"}[kind]
+        raise UserError(f"{source}: config.json has {key}={value!r}; it must be {want}")
+    return value
+
+
 def model_config_from_hf(hf: dict, source: str) -> ModelConfig:
     """bigtrain's model section from a transformers Llama config.json, refusing what bigtrain's
-    model cannot express (biases, other activations, scaled rotary embeddings)."""
+    model cannot express (biases, other activations, scaled rotary embeddings) and fields of the
+    wrong type (a "32" or 32.5 for a size, a string for a flag)."""
+    if not isinstance(hf, dict):
+        raise UserError(f"{source}: config.json holds a {type(hf).__name__}, not an object of fields")
     model_type = hf.get("model_type")
     if model_type != "llama":
         raise UserError(f"{source} holds a {model_type!r} model (architectures {hf.get('architectures')}); "
                         f"import-hf reads Llama models (model_type 'llama')")
-    try:
-        dim, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
-        layers, vocab, ffn = int(hf["num_hidden_layers"]), int(hf["vocab_size"]), int(hf["intermediate_size"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{source}: config.json lacks or mangles {e}; it is not a complete Llama config") from None
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    dim, heads = _field(hf, "hidden_size", "int", source), _field(hf, "num_attention_heads", "int", source)
+    layers, vocab = _field(hf, "num_hidden_layers", "int", source), _field(hf, "vocab_size", "int", source)
+    ffn = _field(hf, "intermediate_size", "int", source)
+    rope = _field(hf, "rope_parameters", "dict", source, None) or _field(hf, "rope_scaling", "dict", source, None) or {}
+    rope_type = _field(rope, "rope_type", "str", source, None) or _field(rope, "type", "str", source, "default")
     unsupported = {
-        "hidden_act": (hf.get("hidden_act", "silu"), "silu"),
-        "attention_bias": (bool(hf.get("attention_bias", False)), False),
-        "mlp_bias": (bool(hf.get("mlp_bias", False)), False),
+        "hidden_act": (_field(hf, "hidden_act", "str", source, "silu"), "silu"),
+        "attention_bias": (_field(hf, "attention_bias", "bool", source, False), False),
+        "mlp_bias": (_field(hf, "mlp_bias", "bool", source, False), False),
         "rope_type": (rope_type, "default"),
-        "head_dim": (int(hf.get("head_dim") or dim // heads), dim // heads),
+        "head_dim": (_field(hf, "head_dim", "int", source, dim // heads), dim // heads),
     }
     bad = [f"{k}={v!r} (bigtrain supports {want!r})" for k, (v, want) in unsupported.items() if v != want]
     if bad:
         raise UserError(f"{source}: this Llama variant cannot be imported: {'; '.join(bad)}")
+    theta = _field(rope, "rope_theta", "float", source, None)
     cfg = ModelConfig(
-        dim=dim, n_layers=layers, n_heads=heads, n_kv_heads=int(hf.get("num_key_value_heads") or heads),
-        ffn_hidden=ffn, vocab_size=vocab, max_seq_len=int(hf.get("max_position_embeddings", 2048)),
-        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)), dropout=float(hf.get("attention_dropout") or 0.0),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        init_std=float(hf.get("initializer_range", 0.02)))
+        dim=dim, n_layers=layers, n_heads=heads, n_kv_heads=_field(hf, "num_key_value_heads", "int", source, heads),
+        ffn_hidden=ffn, vocab_size=vocab, max_seq_len=_field(hf, "max_position_embeddings", "int", source, 2048),
+        rope_theta=float(theta if theta is not None else _field(hf, "rope_theta", "float", source, 10000.0)),
+        norm_eps=float(_field(hf, "rms_norm_eps", "float", source, 1e-6)),
+        dropout=float(_field(hf, "attention_dropout", "float", source, 0.0)),
+        tie_embeddings=_field(hf, "tie_word_embeddings", "bool", source, False),
+        init_std=float(_field(hf, "initializer_range", "float", source, 0.02)))
     try:
         cfg.validate()
     except UserError as e:
@@ -244,7 +272,8 @@ def export_hf(run: str | Path, out: str | Path, step: int | None = None, dtype: 
     if dtype not in _DTYPES:
         raise UserError(f"--dtype {dtype!r} is not allowed; choose one of {', '.join(_DTYPES)}")
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    check_writable_dir(out, "--out")
+    if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {str(out)!r} already exists and is not empty; choose another directory or remove it")
     path = ckpt.find_checkpoint(run, step)
     manifest = ckpt.read_manifest(path)
@@ -254,19 +283,41 @@ def export_hf(run: str | Path, out: str | Path, step: int | None = None, dtype: 
     tok = _find_tokenizer(Path(run), cfg)
     bos, eos = _special_ids(tok)
 
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    st.save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    ckpt.write_json(tmp / "config.json", hf_config(cfg.model, bos, eos, dtype))
-    ckpt.write_json(tmp / "generation_config.json", {"bos_token_id": bos, "eos_token_id": eos})
-    if tok is not None:
-        shutil.copyfile(tok, tmp / "tokenizer.model")
-        ckpt.write_json(tmp / "tokenizer_config.json", tokenizer_config(tok, cfg.model.max_seq_len))
-    if out.exists():
-        out.rmdir()  # empty, checked above
-    tmp.replace(out)
+    def write(tmp: Path) -> None:
+        st.save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        ckpt.write_json(tmp / "config.json", hf_config(cfg.model, bos, eos, dtype))
+        ckpt.write_json(tmp / "generation_config.json", {"bos_token_id": bos, "eos_token_id": eos})
+        if tok is not None:
+            shutil.copyfile(tok, tmp / "tokenizer.model")
+            ckpt.write_json(tmp / "tokenizer_config.json", tokenizer_config(tok, cfg.model.max_seq_len))
+
+    return _write_new_dir(out, write)
+
+
+def _write_new_dir(out: Path, write) -> Path:
+    """Call write(tmp) on a fresh directory of our own next to `out` (a unique name: nothing that
+    was there is touched), then rename it to `out` (absent or empty, checked by the caller): `out`
+    appears complete or not at all. On failure only that directory is removed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        write(tmp)
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; give it a directory's usual mode
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        tmp.rename(out)  # fails (rather than replaces) if `out` appeared meanwhile
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _find_tokenizer(run: Path, cfg: Config) -> Path | None:
@@ -312,17 +363,35 @@ def tokenizer_config(tok: Path, max_len: int) -> dict:
 # Import
 
 
+def _index_files(index: Path, model_dir: Path) -> tuple[list[str], dict]:
+    """The weight files a `*.index.json` names, each checked to be a plain file name inside
+    `model_dir` (no absolute path, no `..`, no symlink out), and its weight_map."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError, KeyError, TypeError) as e:
+        raise UserError(f"{str(index)!r} is not a valid weight index ({type(e).__name__}: {e})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                   for k, v in weight_map.items()):
+        raise UserError(f"{str(index)!r}: weight_map must map weight names to file names (strings)")
+    root = model_dir.resolve()
+    for name in sorted(set(weight_map.values())):
+        rel = Path(name)
+        if not name or rel.is_absolute() or ".." in rel.parts or not (model_dir / rel).resolve().is_relative_to(root):
+            raise UserError(f"{str(index)!r} names weight file {name!r}, which is outside the model directory; "
+                            f"an index may only name files inside it")
+    return sorted(set(weight_map.values())), weight_map
+
+
 def read_hf_state(model_dir: Path) -> dict:
     """All tensors of a transformers checkpoint directory: model.safetensors, sharded safetensors
-    with an index, or pytorch_model.bin (loaded with weights_only=True)."""
+    with an index, or pytorch_model.bin (loaded with weights_only=True). An index is checked:
+    its files lie inside the directory and hold exactly the weights it says, none twice."""
+    weight_map = None
     for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
                                ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         index = model_dir / index_name
         if index.is_file():
-            try:
-                files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError, AttributeError) as e:
-                raise UserError(f"{str(index)!r} is not a valid weight index ({type(e).__name__}: {e})") from None
+            files, weight_map = _index_files(index, model_dir)
             break
         if (model_dir / single).is_file():
             files = [single]
@@ -330,21 +399,40 @@ def read_hf_state(model_dir: Path) -> dict:
     else:
         raise UserError(f"--model {str(model_dir)!r} has no weights (model.safetensors, "
                         f"model.safetensors.index.json or pytorch_model.bin)")
-    state = {}
+    state, origin = {}, {}
     for name in files:
         f = model_dir / name
         if not f.is_file():
             raise UserError(f"--model {str(model_dir)!r}: weight file {name} named by the index is missing")
         try:
             if name.endswith(".safetensors"):
-                state.update(_safetensors().load_file(str(f)))
+                part = _safetensors().load_file(str(f))
             else:
-                state.update(torch.load(f, map_location="cpu", weights_only=True))
+                part = torch.load(f, map_location="cpu", weights_only=True)
         except UserError:
             raise
         except Exception as e:  # noqa: BLE001 - truncated file, header error, unsafe pickle...
             reason = str(e).splitlines()[0] if str(e) else ""
             raise UserError(f"weight file {str(f)!r} is corrupt or unreadable: {type(e).__name__}: {reason}") from None
+        if not isinstance(part, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                 for k, v in part.items()):
+            raise UserError(f"weight file {str(f)!r} is not a state dict (names -> tensors)")
+        for key, t in part.items():
+            if key in origin:
+                raise UserError(f"--model {str(model_dir)!r}: weight {key} is in both {origin[key]} and {name}")
+            if weight_map is not None and weight_map.get(key) != name:
+                raise UserError(f"--model {str(model_dir)!r}: {name} holds {key}, which its index places "
+                                f"{'in ' + weight_map[key] if key in weight_map else 'nowhere'}")
+            if not t.is_floating_point():
+                raise UserError(f"--model {str(model_dir)!r}: weight {key} in {name} holds {t.dtype} values, "
+                                f"not floating-point weights")
+            origin[key] = name
+        state.update(part)
+    if weight_map is not None:
+        absent = sorted(set(weight_map) - set(origin))
+        if absent:
+            raise UserError(f"--model {str(model_dir)!r}: the index places {absent[:3]} in "
+                            f"{weight_map[absent[0]]}, which does not hold them ({len(absent)} absent)")
     return state
 
 
@@ -361,12 +449,16 @@ def import_hf(model_dir: str | Path, out: str | Path, data: str | None = None) -
                         f"transformers' save_pretrained")
     try:
         hf = json.loads(conf.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
         raise UserError(f"{str(conf)!r} is not valid JSON: {e}") from None
     source = f"--model {str(model_dir)!r}"
     model_cfg = model_config_from_hf(hf, source)
     if ckpt.list_checkpoints(out):
         raise UserError(f"--out {str(out)!r} already holds checkpoints; choose another run directory")
+    check_writable_dir(out, "--out")
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"--out {str(out)!r} already exists and is not empty; import-hf writes a new run directory "
+                        f"and never overwrites files: choose another --out or remove it")
     state = from_hf_state(read_hf_state(model_dir), model_cfg, source)
 
     cfg = Config()
@@ -376,12 +468,14 @@ def import_hf(model_dir: str | Path, out: str | Path, data: str | None = None) -
     cfg.train.resume = "auto"  # in this directory: start from the imported weights, later resume the run
     cfg.train.seq_len = min(cfg.train.seq_len, model_cfg.max_seq_len)
     cfg.validate()
-    out.mkdir(parents=True, exist_ok=True)
-    if (model_dir / "tokenizer.model").is_file():
-        shutil.copyfile(model_dir / "tokenizer.model", out / "tokenizer.model")
     shards = {n: {"shard_dim": None, "full_shape": list(t.shape)} for n, t in state.items()}
     one = SimpleNamespace(rank=0, world_size=1, tp=1, dp=1)
     manifest = {"config": to_dict(cfg), "weights_only": True, "imported_from": str(model_dir.resolve())}
-    ckpt.save_checkpoint(out, 0, {"model": state, "shards": shards, "step": 0}, manifest, one, keep_last=0)
-    (out / "config.yaml").write_text(dump_yaml(cfg))
-    return out
+
+    def write(tmp: Path) -> None:
+        if (model_dir / "tokenizer.model").is_file():
+            shutil.copyfile(model_dir / "tokenizer.model", tmp / "tokenizer.model")
+        ckpt.save_checkpoint(tmp, 0, {"model": state, "shards": shards, "step": 0}, manifest, one, keep_last=0)
+        (tmp / "config.yaml").write_text(dump_yaml(cfg))
+
+    return _write_new_dir(out, write)

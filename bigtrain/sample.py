@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from pathlib import Path
 
 import torch
@@ -9,6 +11,7 @@ import torch
 from bigtrain import checkpoint as ckpt
 from bigtrain.config import from_dict
 from bigtrain.data.tokenizer import Tokenizer
+from bigtrain.errors import UserError
 from bigtrain.model import build_model, init_weights
 
 
@@ -43,8 +46,26 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int, temperature: flo
     return ids[0, len(prompt_ids):].tolist()
 
 
+def check_sampling(max_new_tokens, temperature, top_k, seed) -> None:
+    """Refuse, in one line, sampling settings that would crash or silently mean nothing."""
+    def integer(x):
+        return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+    if not integer(max_new_tokens) or max_new_tokens < 0:
+        raise UserError(f"--max-new-tokens {max_new_tokens!r} must be an integer >= 0")
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
+            or not math.isfinite(temperature) or temperature < 0:
+        raise UserError(f"--temperature {temperature!r} must be a finite number >= 0 (0 picks the likeliest "
+                        f"token; 1 samples the model's distribution)")
+    if not integer(top_k) or top_k < 0:
+        raise UserError(f"--top-k {top_k!r} must be an integer >= 0 (0 keeps every token)")
+    if not integer(seed) or not 0 <= seed < 2**63:
+        raise UserError(f"--seed {seed!r} must be an integer in [0, 2**63)")
+
+
 def sample(run: str, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8, top_k: int = 50,
            seed: int = 0, step: int | None = None) -> str:
+    check_sampling(max_new_tokens, temperature, top_k, seed)  # before loading anything
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, cfg = load_for_inference(run, step, device)
     tok = Tokenizer(Path(cfg.data.path) / "tokenizer.model")

@@ -64,7 +64,13 @@ export OMP_NUM_THREADS
 
 # shellcheck disable=SC2206  # TORCHRUN_ARGS is a list of words on purpose
 TR_ARGS=(${TORCHRUN_ARGS:-})
-echo "launch/train.sh: $PROCS $MODE process(es), OMP_NUM_THREADS=$OMP_NUM_THREADS, config $CONFIG" >&2
-set -x
-exec "$PY" -m torch.distributed.run --standalone --nproc_per_node "$PROCS" "${TR_ARGS[@]}" \
+# stdout, so that stderr holds only problems: a user error (bad config, layout, path, a rank that
+# stopped answering) ends the job with its one line, printed once, and exit code 2 -- every rank
+# leaves the line in a temporary folder and bigtrain.cli.torchrun_main prints the lowest rank's,
+# instead of one line per rank and torchrun's ChildFailedError traceback. Other failures keep
+# torchrun's report and exit code 1.
+echo "launch/train.sh: $PROCS $MODE process(es), OMP_NUM_THREADS=$OMP_NUM_THREADS, config $CONFIG"
+echo "+ torchrun --standalone --nproc_per_node $PROCS ${TR_ARGS[*]} -m bigtrain.cli train --config $CONFIG ${EXTRA[*]} $*"
+exec "$PY" -c 'import sys; from bigtrain.cli import torchrun_main; sys.exit(torchrun_main(sys.argv[1:]))' \
+  --standalone --nproc_per_node "$PROCS" "${TR_ARGS[@]}" \
   -m bigtrain.cli train --config "$CONFIG" "${EXTRA[@]}" "$@"

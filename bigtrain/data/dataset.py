@@ -24,6 +24,33 @@ from bigtrain.errors import UserError
 
 SPLITS = ("train", "val")
 META_KEYS = ("vocab_size", "dtype", "train_tokens", "val_tokens", "bos_id", "eos_id")
+TOKEN_DTYPES = ("uint8", "uint16", "uint32", "uint64")
+"""What a token file may hold: unsigned integers (a float16 file has uint16's item size but is garbage as ids)."""
+SCAN_CHUNK = 1 << 24
+"""Tokens per chunk when a token file is scanned for its largest id at open (16 Mi tokens, 32 MiB of uint16)."""
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def check_meta(meta: dict, f: Path, fix: str) -> None:
+    """The type and range of every field of meta.json: one line naming the field and what it must be."""
+    def bad(key, want):
+        raise UserError(f"{f}: {key}={meta[key]!r} {want}; {fix}")
+
+    if not _is_int(meta["vocab_size"]) or meta["vocab_size"] < 1:
+        bad("vocab_size", "must be a positive integer")
+    if not isinstance(meta["dtype"], str) or meta["dtype"] not in TOKEN_DTYPES:
+        bad("dtype", f"is not allowed; token files hold one of {', '.join(TOKEN_DTYPES)}")
+    if meta["vocab_size"] > np.iinfo(meta["dtype"]).max + 1:
+        bad("vocab_size", f"does not fit in dtype {meta['dtype']} (at most {np.iinfo(meta['dtype']).max + 1} ids)")
+    for key in ("train_tokens", "val_tokens"):
+        if not _is_int(meta[key]) or meta[key] < 0:
+            bad(key, "must be an integer >= 0")
+    for key in ("bos_id", "eos_id"):  # sentencepiece writes -1 for a disabled piece
+        if not _is_int(meta[key]) or not -1 <= meta[key] < meta["vocab_size"]:
+            bad(key, f"must be an integer in [-1, vocab_size={meta['vocab_size']})")
 
 
 def load_meta(path: str | Path) -> dict:
@@ -37,11 +64,14 @@ def load_meta(path: str | Path) -> dict:
         raise UserError(f"data.path {str(path)!r} has no meta.json; {fix}")
     try:
         meta = json.loads(f.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
         raise UserError(f"{f} is not valid JSON ({e}); rerun `bigtrain prepare --out {path}`") from None
-    missing = [k for k in META_KEYS if not isinstance(meta, dict) or k not in meta]
+    if not isinstance(meta, dict):
+        raise UserError(f"{f} holds a {type(meta).__name__}, not an object of fields; rerun `bigtrain prepare --out {path}`")
+    missing = [k for k in META_KEYS if k not in meta]
     if missing:
         raise UserError(f"{f} lacks {missing}; rerun `bigtrain prepare --out {path}`")
+    check_meta(meta, f, f"rerun `bigtrain prepare --out {path}`")
     return meta
 
 
@@ -55,21 +85,37 @@ class TokenDataset:
         self.split = split
         self.meta = load_meta(path)
         dtype = np.dtype(self.meta["dtype"])
-        n = int(self.meta[f"{split}_tokens"])
+        n = self.meta[f"{split}_tokens"]
         f = self.path / f"{split}.bin"
+        fix = f"rerun `bigtrain prepare --out {path}`"
         size = f.stat().st_size if f.is_file() else None
+        if size is not None and size % dtype.itemsize:
+            raise UserError(f"{f} has {size} bytes, not a whole number of {dtype.name} tokens "
+                            f"({dtype.itemsize} bytes each): a truncated file or the wrong dtype in meta.json; {fix}")
         if size != n * dtype.itemsize:
             found = "is missing" if size is None else f"has {size} bytes"
-            raise UserError(f"{f} {found} but meta.json says {n} {dtype.name} tokens; "
-                            f"rerun `bigtrain prepare --out {path}`")
+            raise UserError(f"{f} {found} but meta.json says {n} {dtype.name} tokens; {fix}")
         # np.memmap cannot map an empty file; an empty split stays usable as an empty array.
         self.tokens = np.memmap(f, dtype=dtype, mode="r") if n else np.zeros(0, dtype=dtype)
+        self.max_id = _max_id(self.tokens)
+        vocab = self.meta["vocab_size"]
+        if self.max_id >= vocab:
+            raise UserError(f"{f} holds token id {self.max_id} but meta.json says vocab_size={vocab} (ids must be "
+                            f"< vocab_size): the tokens and meta.json come from different tokenizers; {fix}")
 
     def __len__(self) -> int:
         return len(self.tokens)
 
     def __repr__(self) -> str:
         return f"TokenDataset({str(self.path)!r}, {self.split!r}, tokens={len(self)})"
+
+
+def _max_id(tokens: np.ndarray) -> int:
+    """The largest id in a (memmapped) token array, read in chunks: one pass, bounded memory."""
+    best = -1
+    for i in range(0, len(tokens), SCAN_CHUNK):
+        best = max(best, int(tokens[i:i + SCAN_CHUNK].max()))
+    return best
 
 
 class BatchLoader:

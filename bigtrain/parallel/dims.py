@@ -100,20 +100,22 @@ class ParallelDims:
         return cls()
 
     @classmethod
-    def build(cls, world_size: int, rank: int, tp: int, dp: int = 0,
-              sequence_parallel: bool = False) -> "ParallelDims":
+    def build(cls, world_size: int, rank: int, tp: int, dp: int = 0, sequence_parallel: bool = False,
+              timeout=None) -> "ParallelDims":
         """Validate the layout and create the process groups.
 
         Collective: dist.new_group must be called by every rank for every group in the same
         order, so each rank creates all TP groups and all DP groups and keeps its own.
+        timeout: a datetime.timedelta for the groups' collectives (parallel.timeout_s); None
+        keeps torch's default.
         """
         tp, dp = check_layout(world_size, tp, dp)
         check_sequence_parallel(tp, sequence_parallel)
         dims = cls(world_size, rank, tp, dp, sequence_parallel=sequence_parallel)
         if tp > 1:
-            dims.tp_group = _mine([list(range(i * tp, (i + 1) * tp)) for i in range(dp)], rank, world_size)
+            dims.tp_group = _mine([list(range(i * tp, (i + 1) * tp)) for i in range(dp)], rank, world_size, timeout)
         if dp > 1:
-            dims.dp_group = _mine([list(range(j, world_size, tp)) for j in range(tp)], rank, world_size)
+            dims.dp_group = _mine([list(range(j, world_size, tp)) for j in range(tp)], rank, world_size, timeout)
         return dims
 
     def new_self_group(self) -> dist.ProcessGroup:
@@ -123,13 +125,13 @@ class ParallelDims:
         return groups[self.rank]
 
 
-def _mine(all_ranks: list[list[int]], rank: int, world_size: int) -> dist.ProcessGroup:
+def _mine(all_ranks: list[list[int]], rank: int, world_size: int, timeout=None) -> dist.ProcessGroup:
     """Create every group in all_ranks (all ranks must) and return the one holding `rank`."""
     if len(all_ranks) == 1 and len(all_ranks[0]) == world_size:
         return dist.group.WORLD  # the whole world: no need for another communicator
     mine = None
     for ranks in all_ranks:
-        group = dist.new_group(ranks)
+        group = dist.new_group(ranks, timeout=timeout)
         if rank in ranks:
             mine = group
     return mine

@@ -27,7 +27,7 @@ from bigtrain.model import build_model, init_weights  # noqa: E402
 from bigtrain.parallel.dims import ParallelDims  # noqa: E402
 from bigtrain.parallel.loss import cross_entropy  # noqa: E402
 from bigtrain.recompute import ActivationAccountant, apply_recompute  # noqa: E402
-from bigtrain.recompute.accounting import outside_tensors  # noqa: E402
+from bigtrain.planner.formula import outside_tensors  # noqa: E402
 from bigtrain.recompute.policy import spans_of  # noqa: E402
 
 MiB, GiB = 2**20, 2**30

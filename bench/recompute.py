@@ -74,8 +74,8 @@ from bigtrain.parallel.dims import ParallelDims  # noqa: E402
 from bigtrain.parallel.loss import cross_entropy  # noqa: E402
 from bigtrain.parallel.parallelize import parallelize  # noqa: E402
 from bigtrain.parallel.random import seed_rng  # noqa: E402
-from bigtrain.recompute import ActivationAccountant, apply_recompute, block_formula  # noqa: E402
-from bigtrain.recompute.accounting import Shape  # noqa: E402
+from bigtrain.planner.formula import Shape, block_formula  # noqa: E402
+from bigtrain.recompute import ActivationAccountant, apply_recompute  # noqa: E402
 from throughput import cpu_model  # noqa: E402  (bench/ is on sys.path: it is this script's folder)
 
 MiB = 2.0 ** 20
@@ -497,7 +497,7 @@ class Bench:
         """The formula's bytes kept outside the blocks by the forward (the loss excluded: the
         accountant here wraps the model's forward only), when this bigtrain version has it."""
         try:
-            from bigtrain.recompute.accounting import outside_tensors
+            from bigtrain.planner.formula import outside_tensors
             from bigtrain.parallel.dims import padded_vocab
         except ImportError:
             return None

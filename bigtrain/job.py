@@ -24,7 +24,7 @@ from bigtrain.config import Config
 from bigtrain.data.dataset import load_meta
 from bigtrain.errors import UserError
 from bigtrain.parallel.dims import check_layout, check_model, padded_vocab
-from bigtrain.recompute.accounting import Shape
+from bigtrain.planner.formula import Shape
 
 
 @dataclass(frozen=True)

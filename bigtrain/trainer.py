@@ -28,7 +28,8 @@ from bigtrain.optim import lr_at
 from bigtrain.parallel.dims import vocab_padding_note
 from bigtrain.parallel.loss import cross_entropy
 from bigtrain.recompute import ActivationAccountant
-from bigtrain.recompute.accounting import block_formula, format_report
+from bigtrain.planner.formula import block_formula
+from bigtrain.recompute.accounting import format_report
 
 
 class Trainer:

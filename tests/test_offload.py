@@ -15,8 +15,8 @@ from torch import nn
 from bigtrain.config import ModelConfig, RecomputeConfig
 from bigtrain.model import build_model, init_weights
 from bigtrain.parallel.dims import ParallelDims
-from bigtrain.recompute import ActivationAccountant, apply_recompute, block_formula, is_recomputing, saved
-from bigtrain.recompute.accounting import Shape, saved_tensors
+from bigtrain.planner.formula import Shape, block_formula, saved_tensors
+from bigtrain.recompute import ActivationAccountant, apply_recompute, is_recomputing, saved
 from bigtrain.recompute.policy import Span, keep_last_on_device, spans_of
 from bigtrain.recompute.saved import HostPool, SavedTensors
 

@@ -17,7 +17,7 @@ from bigtrain.optim import build_optimizer
 from bigtrain.parallel.dims import ParallelDims
 from bigtrain.parallel.loss import cross_entropy
 from bigtrain.recompute import ActivationAccountant, apply_recompute
-from bigtrain.recompute.accounting import outside_tensors
+from bigtrain.planner.formula import outside_tensors
 from bigtrain.recompute.policy import spans_of
 from tests.conftest import TINY, run_cli
 from tests.multiproc import run_ranks

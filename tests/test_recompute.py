@@ -22,8 +22,8 @@ from bigtrain.parallel.dims import ParallelDims
 from bigtrain.parallel.loss import cross_entropy
 from bigtrain.parallel.parallelize import parallelize
 from bigtrain.parallel.random import seed_rng
-from bigtrain.recompute import ActivationAccountant, Stash, apply_recompute, block_formula, is_recomputing
-from bigtrain.recompute.accounting import Shape
+from bigtrain.planner.formula import Shape, block_formula
+from bigtrain.recompute import ActivationAccountant, Stash, apply_recompute, is_recomputing
 from tests.multiproc import run_ranks
 
 B, S = 2, 32

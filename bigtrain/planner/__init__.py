@@ -5,7 +5,7 @@ memory budget (`recompute.granularity: auto`, `bigtrain plan`).
     est = estimate(job, spans_of(cfg.recompute, cfg.model.n_layers))   # est.peak, est.phases
     best = choose_policy(job, budget)                                 # the cheapest that fits
 
-Modules: memory (the memory model: states, activations, transients, the peak over a step),
+Modules: formula (what one block keeps for backward, per policy), memory (the memory model: states, activations, transients, the peak over a step),
 cost (the extra time of a policy), search (candidates, mixes, auto's choice, suggestions),
 report (the `bigtrain plan` table, JSON and plot), simulate (a real step under fake tensors,
 the cross-check).

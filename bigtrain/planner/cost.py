@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from bigtrain.config import parse_bytes
 from bigtrain.job import Job
-from bigtrain.recompute.accounting import span_bytes
+from bigtrain.planner.formula import span_bytes
 from bigtrain.recompute.policy import Span, keep_last_on_device
 
 

@@ -3,7 +3,7 @@
 - parameters, gradients and optimizer states, counted exactly from the model built on the meta
   device and sharded like the real run (vocab padding included), with ZeRO sharding and
   optimizer offload for the DeepSpeed engine;
-- activations kept for backward: the per-block formula (bigtrain.recompute.accounting, exact
+- activations kept for backward: the per-block formula (bigtrain.planner.formula, exact
   against the saved-bytes accountant) for each span of the policy, plus what the embedding,
   final norm, output layer and loss keep;
 - transients: the logits and the loss's fp32 copies at the end of forward, their gradients at
@@ -22,7 +22,7 @@ from bigtrain.job import Job
 from bigtrain.model import build_model
 from bigtrain.parallel.dims import ParallelDims
 from bigtrain.planner.cost import overhead
-from bigtrain.recompute.accounting import outside_tensors, saved_tensors, span_bytes
+from bigtrain.planner.formula import outside_tensors, saved_tensors, span_bytes
 from bigtrain.recompute.policy import Span, keep_last_on_device
 from bigtrain.recompute.saved import CHUNK_BYTES
 

@@ -7,12 +7,13 @@
 
 Modules: checkpoint (the RNG-exact, input-preserving checkpoint function), saved (where kept
 tensors live: device or host pool, with prefetch), policy (config -> runner and wrappers),
-accounting (the saved-bytes accountant and the analytical formula for our block).
+accounting (the saved-bytes accountant; the formula it is checked against is
+bigtrain.planner.formula).
 """
 
-from bigtrain.recompute.accounting import ActivationAccountant, ActivationReport, block_formula
+from bigtrain.recompute.accounting import ActivationAccountant, ActivationReport
 from bigtrain.recompute.checkpoint import Stash, checkpoint, is_recomputing
 from bigtrain.recompute.policy import SELECTIVE_MODULES, BlockRunner, Recomputed, apply_recompute, spans_of
 
-__all__ = ["ActivationAccountant", "ActivationReport", "block_formula", "Stash", "checkpoint", "is_recomputing",
+__all__ = ["ActivationAccountant", "ActivationReport", "Stash", "checkpoint", "is_recomputing",
            "SELECTIVE_MODULES", "BlockRunner", "Recomputed", "apply_recompute", "spans_of"]

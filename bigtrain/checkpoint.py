@@ -233,9 +233,12 @@ def read_manifest(ckpt: str | Path) -> dict:
         raise UserError(f"{str(ckpt)!r} is not a complete bigtrain checkpoint (no manifest.json); "
                         f"pass a checkpoints/step_XXXXXXXX directory or train.resume=auto")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"checkpoint manifest {str(path)!r} is corrupt: {e}") from None
+    if not isinstance(manifest, dict):
+        raise UserError(f"checkpoint manifest {str(path)!r} is corrupt: a {type(manifest).__name__}, not an object")
+    return manifest
 
 
 def read_rank_file(ckpt: str | Path, rank: int) -> dict:

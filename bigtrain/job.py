@@ -20,11 +20,29 @@ from dataclasses import dataclass
 
 import torch
 
-from bigtrain.config import Config
+from bigtrain.config import Config, ModelConfig
 from bigtrain.data.dataset import load_meta
 from bigtrain.errors import UserError
 from bigtrain.parallel.dims import check_layout, check_model, padded_vocab
-from bigtrain.planner.formula import Shape
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One rank's block as the activation formula (bigtrain.planner.formula) sees it."""
+    model: ModelConfig
+    b: int  # micro-batch
+    s: int  # sequence length
+    tp: int = 1
+    sp: bool = False
+    elem: int = 4  # bytes of a matmul/attention activation: 4 in fp32, 2 under bf16 autocast
+    mask_bytes: int = 4  # bytes per dropout-mask element: 1 on CUDA (bool), elem on the CPU
+    math_attention: bool = False  # attention dropout on the CPU: SDPA's math kernel
+    # Exact (tests/test_recompute.py) in fp32, and under bf16 autocast without dropout on the
+    # CPU; CPU dropout under autocast keeps masks in mixed dtypes the formula does not follow.
+
+    @property
+    def autocast(self) -> bool:
+        return self.elem < 4
 
 
 @dataclass(frozen=True)

@@ -48,12 +48,16 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
     if not path.exists():
         return
     keep = []
-    for line in path.read_text().splitlines():
+    # errors="replace": a line cut short by a kill (or bytes that are not text at all) is
+    # dropped like any line that is not a record, never a reason to stop a resume.
+    for line in path.read_text(errors="replace").splitlines():
         try:
-            if json.loads(line).get("step", 0) <= last_step:
-                keep.append(line)
+            record = json.loads(line)
         except json.JSONDecodeError:
-            continue  # a line cut short by a kill
+            continue
+        step = record.get("step") if isinstance(record, dict) else None
+        if isinstance(step, int) and not isinstance(step, bool) and step <= last_step:
+            keep.append(line)
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(k + "\n" for k in keep))
     os.replace(tmp, path)

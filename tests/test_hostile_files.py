@@ -113,3 +113,98 @@ def test_hostile_rank_file_is_refused(tiny_data, tmp_path):
     with pytest.raises(UserError, match="rank00000.pt"):
         Trainer(load_config("configs/debug.yaml", [*args, "train.steps=3", "train.resume=auto"]))
     assert not marker.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Every kind of file, through the command that reads it
+
+
+def _pickle_bytes(marker) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    write_hostile(buf, marker)
+    return buf.getvalue()
+
+
+YAML_PAYLOAD = "model: !!python/object/apply:os.system ['touch {marker}']\n"
+
+
+def _replace(kind: str, run, data, marker) -> None:
+    """Put a payload that would create `marker` into one kind of file of the run/data dirs."""
+    step = ckpt.latest_checkpoint(run)
+    pickled = _pickle_bytes(marker)
+    if kind == "config.yaml":
+        (run / "config.yaml").write_text(YAML_PAYLOAD.format(marker=marker))
+    elif kind == "manifest.json":
+        (step / "manifest.json").write_bytes(pickled)
+    elif kind == "rank file":
+        (step / "rank00000.pt").write_bytes(pickled)
+    elif kind == "metrics.jsonl":
+        (run / "metrics.jsonl").write_bytes(pickled)
+    elif kind == "tokenizer.model":
+        (data / "tokenizer.model").write_bytes(pickled)
+    elif kind == "meta.json":
+        (data / "meta.json").write_bytes(pickled)
+    elif kind == "train.bin":
+        (data / "train.bin").write_bytes(pickled)
+    else:
+        raise AssertionError(kind)
+
+
+READERS = {  # kind -> the commands that read it (training never opens the tokenizer; sampling never meta.json)
+    "config.yaml": ["train-config"],
+    "manifest.json": ["resume", "sample", "export-hf"],
+    "rank file": ["resume", "sample", "export-hf"],
+    "metrics.jsonl": ["resume"],
+    "tokenizer.model": ["sample", "export-hf"],
+    "meta.json": ["resume"],
+    "train.bin": ["resume"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", list(READERS))
+def test_hostile_payload_in_any_file_runs_nothing(kind, tiny_data, tmp_path):
+    """A code-running pickle (or YAML tag) in each kind of file a run or data directory holds:
+    every command that reads it refuses it in one line (exit 2) or ignores it, and nothing runs."""
+    from tests.conftest import TINY, assert_user_error, run_cli
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    run = tmp_path / "run"
+    args = [*TINY, f"data.path={data}", f"train.out_dir={run}", "train.steps=2", "train.save_every=2"]
+    run_cli("train", "--config", "configs/debug.yaml", *args, check=True)
+    marker = tmp_path / "ran"
+    _replace(kind, run, data, marker)
+    for command in READERS[kind]:
+        if command == "train-config":
+            r = run_cli("train", "--config", str(run / "config.yaml"), f"train.out_dir={tmp_path / 'other'}")
+        elif command == "resume":
+            r = run_cli("train", "--config", "configs/debug.yaml", *args, "train.steps=3", "train.resume=auto")
+        elif command == "sample":
+            r = run_cli("sample", "--run", str(run), "--max-new-tokens", "3")
+        else:
+            r = run_cli("export-hf", "--run", str(run), "--out", str(tmp_path / f"hf-{command}"))
+        assert not marker.exists(), (kind, command)
+        if kind == "metrics.jsonl" and r.returncode == 0:
+            continue  # an unreadable log is not needed to resume: its records are dropped, training goes on
+        assert_user_error(r)
+
+
+def test_hostile_pytorch_model_bin_is_refused_by_import_hf(tmp_path, capsys):
+    """A Hugging Face directory whose pytorch_model.bin runs code: import-hf refuses it in one
+    line and writes nothing."""
+    pytest.importorskip("transformers")
+    from bigtrain.cli import main
+    from tests.test_hf import random_hf
+
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    random_hf(gqa=True, tied=False).config.save_pretrained(hf_dir)
+    marker = tmp_path / "ran"
+    write_hostile(hf_dir / "pytorch_model.bin", marker)
+    assert main(["import-hf", "--model", str(hf_dir), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pytorch_model.bin" in err[0], err
+    assert not marker.exists() and not (tmp_path / "run").exists()

@@ -32,30 +32,10 @@ is kept as the 1/t slice instead of the all-gathered sequence).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from bigtrain.config import ModelConfig, RecomputeConfig, parse_bytes
+from bigtrain.config import RecomputeConfig, parse_bytes
+from bigtrain.job import Shape  # noqa: F401 - the formula's input, defined with the job
 from bigtrain.recompute.policy import keep_last_on_device, spans_of
 
-
-
-@dataclass(frozen=True)
-class Shape:
-    """What the formula needs to know about one rank's block."""
-    model: ModelConfig
-    b: int  # micro-batch
-    s: int  # sequence length
-    tp: int = 1
-    sp: bool = False
-    elem: int = 4  # bytes of a matmul/attention activation: 4 in fp32, 2 under bf16 autocast
-    mask_bytes: int = 4  # bytes per dropout-mask element: 1 on CUDA (bool), elem on the CPU
-    math_attention: bool = False  # attention dropout on the CPU: SDPA's math kernel
-    # Exact (tests/test_recompute.py) in fp32, and under bf16 autocast without dropout on the
-    # CPU; CPU dropout under autocast keeps masks in mixed dtypes the formula does not follow.
-
-    @property
-    def autocast(self) -> bool:
-        return self.elem < 4
 
 
 def saved_tensors(sh: Shape) -> dict[str, int]:

@@ -27,7 +27,6 @@ def env_ranks() -> tuple[int, int, int]:
         return int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
     if "SLURM_PROCID" in os.environ and "MASTER_ADDR" in os.environ and int(os.environ.get("SLURM_NTASKS", 1)) > 1:
         world, rank = int(os.environ["SLURM_NTASKS"]), int(os.environ["SLURM_PROCID"])
-        os.environ.update(WORLD_SIZE=str(world), RANK=str(rank))
         return world, rank, int(os.environ.get("SLURM_LOCALID", 0))
     return 1, 0, 0
 
@@ -64,13 +63,11 @@ def init_process_groups(job: Job, rank: int, device: torch.device) -> ParallelDi
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
-        if job.world == 1:  # DeepSpeed wants a process group even for one process
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-            os.environ.setdefault("RANK", "0")
-            os.environ.setdefault("WORLD_SIZE", "1")
-            os.environ.setdefault("LOCAL_RANK", "0")
-        dist.init_process_group(backend=backend, timeout=timeout,
+        # Rank and size come from process_env (torchrun's or srun's variables); the rendezvous
+        # from MASTER_ADDR/MASTER_PORT -- or, for one process (DeepSpeed wants a process group
+        # even then), a free local port. Nothing is written to os.environ.
+        init = f"tcp://127.0.0.1:{_free_port()}" if job.world == 1 else "env://"
+        dist.init_process_group(backend=backend, init_method=init, rank=rank, world_size=job.world, timeout=timeout,
                                 device_id=device if device.type == "cuda" else None)
     return ParallelDims.build(job.world, rank, job.tp, job.dp, sequence_parallel=job.sp, timeout=timeout)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import os
 from pathlib import Path
 
 import torch
@@ -170,6 +171,9 @@ class DeepSpeedEngine(Engine):
         if dims.sequence_parallel:
             _reduce_sequence_parallel_grads_in_backward(module, dims)
         self._deepspeed = deepspeed
+        # deepspeed.initialize asserts that LOCAL_RANK is set (torchrun sets it; one process or
+        # srun without torchrun do not): the one variable bigtrain writes, at DeepSpeed's request.
+        os.environ.setdefault("LOCAL_RANK", str(device.index or 0))
         optimizer = build_optimizer(module, job.cfg.optim)
         mpu = MPU(dims, dims.new_self_group() if dims.world_size > 1 else dist.group.WORLD)
         self.model, self.optimizer, _, _ = deepspeed.initialize(

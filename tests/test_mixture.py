@@ -221,3 +221,37 @@ def test_trainer_with_a_mixture_trains_and_resumes_exactly(two_corpora, tmp_path
     assert rest[-1]["val_loss"] == full[-1]["val_loss"]
     assert resumed.train_loader.source_counts() == counts
     assert ckpt.latest_checkpoint(tmp_path / "resumed").name == "step_00000006"
+
+
+def _train_ranks(rank, world, overrides):
+    import os
+
+    from bigtrain.trainer import Trainer
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    t = Trainer(load_config("configs/debug.yaml", overrides))
+    return [r["loss"] for r in t.train()], t.train_loader.source_counts()
+
+
+@pytest.mark.slow
+def test_mixture_checkpoint_at_dp1_resumes_at_dp2(two_corpora, tmp_path):
+    """A dp=1 checkpoint of a mixture resumed on two gloo ranks continues the same global samples:
+    the per-source counts agree exactly and the losses to fp32 rounding (the DP all-reduce sums in
+    another order; tests/test_distributed_train.py's tolerance)."""
+    from bigtrain import checkpoint as ckpt
+    from tests.conftest import TINY
+    from tests.multiproc import run_ranks
+
+    a, b = two_corpora
+
+    def overrides(out, *extra):
+        return [*TINY, f"data.mix={a}:0.6,{b}:0.4", f"train.out_dir={out}", "train.micro_batch_size=2",
+                "train.global_batch_size=8", "train.steps=5", "train.save_every=3", "model.dropout=0.0", *extra]
+
+    ref, ref_counts = _train_ranks(0, 1, overrides(tmp_path / "ref"))
+    step3 = ckpt.checkpoint_root(tmp_path / "ref") / "step_00000003"
+    results = run_ranks(_train_ranks, 2, overrides(tmp_path / "dp2", "parallel.dp=2", f"train.resume={step3}"),
+                        timeout=240)
+    for losses, counts in results:
+        assert counts == ref_counts
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref[3:]), rtol=1e-5, atol=0)

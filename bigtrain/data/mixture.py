@@ -196,6 +196,10 @@ class MixtureLoader:
         self.consumed += n
         return torch.from_numpy(batch)
 
+    def weights(self) -> dict[str, float]:
+        """Each source's normalised weight, by name (the weights of val_loss under data.mix)."""
+        return {s.name: s.weight for s in self.sources}
+
     def source_counts(self) -> dict[str, int]:
         """Samples each source has contributed so far, all ranks together (x seq_len = tokens)."""
         return {s.name: int(t) for s, t in zip(self.sources, self.taken)}

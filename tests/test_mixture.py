@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -154,6 +155,29 @@ def test_config_form_and_errors(tmp_path):
     with pytest.raises(ConfigError) as ei:
         load_config(None, ["data.mix=a:1,b:1", "data.path=c"])
     assert "both name the training data" in one_line(ei)
+    f = tmp_path / "mix.yaml"
+    f.write_text("data:\n  mix: [data/web:0.7, ../code:0.3]\n")
+    assert load_config(f).data.mixture() == [("data/web", 0.7), ("../code", 0.3)]
+
+
+@pytest.mark.slow
+def test_cli_refuses_bad_mixtures_in_one_line(tmp_path):
+    from tests.conftest import TINY, assert_user_error, run_cli
+
+    a = make_source(tmp_path / "a", 5000, 0, tokenizer_sha256="aa" * 32)
+    other = make_source(tmp_path / "other", 5000, 0, tokenizer_sha256="bb" * 32)
+    train = ["train", "--config", "configs/debug.yaml", *TINY, f"train.out_dir={tmp_path / 'run'}"]
+    assert_user_error(run_cli(*train, f"data.mix={a}:1,{other}:1"), "different tokenizers", "--tokenizer")
+    assert_user_error(run_cli(*train, f"data.mix={a}"), "is not DIR:WEIGHT", "data.mix=DIR:WEIGHT,DIR:WEIGHT")
+
+
+def test_mixture_loader_speed(tmp_path):
+    srcs = sources(tmp_path, sizes=(60_000, 20_000, 5_000))
+    loader = MixtureLoader(srcs, seq_len=256, micro_batch=16, seed=0)
+    t0 = time.perf_counter()
+    for _ in range(200):
+        loader.next_batch()
+    assert time.perf_counter() - t0 < 2.0
 
 
 def test_sources_must_share_a_tokenizer(tmp_path):

@@ -19,7 +19,8 @@ from torch import nn
 
 from bigtrain import state
 from bigtrain.config import Config
-from bigtrain.data.dataset import BatchLoader, TokenDataset, load_meta
+from bigtrain.data.dataset import BatchLoader, TokenDataset
+from bigtrain.data.mixture import MixtureLoader, data_meta, open_sources
 from bigtrain.distributed import init_process_groups, process_env, select_device
 from bigtrain.engines import Engine, build_engine
 from bigtrain.errors import check_writable_dir
@@ -42,8 +43,9 @@ class Components:
     rng: RNGTracker  # the default generators are seeded too; this holds the per-TP-rank "tp" stream
     module: nn.Module  # the tensor-parallel, recompute-wrapped model (what checkpoints name)
     engine: Engine  # data parallelism and the optimizer; engine.model is what forward calls
-    train_loader: BatchLoader
-    val_data: TokenDataset
+    train_loader: BatchLoader | MixtureLoader  # MixtureLoader with data.mix
+    val_data: TokenDataset  # data.path's validation split (with data.mix: its first source's)
+    val_sets: dict[str, TokenDataset]  # with data.mix, each source's validation split by name ({} otherwise)
     recompute_spans: list[Span] | None  # what recompute.granularity=auto chose (None otherwise)
     recompute_note: str  # auto's table for the log ("" otherwise)
     resume_from: Path | None  # a full checkpoint to restore (state.restore) before training
@@ -52,7 +54,7 @@ class Components:
 def build(cfg: Config) -> Components:
     world, rank, local_rank = process_env()
     device = select_device(cfg, local_rank)
-    job = resolve(cfg, world, device.type, load_meta(cfg.data.path))  # every check, no collective yet
+    job = resolve(cfg, world, device.type, data_meta(cfg.data))  # every check, no collective yet
     check_writable_dir(job.cfg.train.out_dir, "train.out_dir")
     dims = init_process_groups(job, rank, device)
     source = state.find_resume(job.cfg)
@@ -68,7 +70,14 @@ def build(cfg: Config) -> Components:
         source = None  # training starts at step 0 with a fresh optimizer
     engine = build_engine(model, dims, job, device)
     t = job.cfg.train
-    train_loader = BatchLoader(TokenDataset(job.cfg.data.path, "train"), t.seq_len, t.micro_batch_size,
-                               seed=t.seed, rank=dims.dp_rank, world=dims.dp)
-    val_data = TokenDataset(job.cfg.data.path, "val")
-    return Components(job, dims, device, rng, model, engine, train_loader, val_data, spans, note, source)
+    if job.cfg.data.mix:
+        sources = open_sources(job.cfg.data)
+        train_loader = MixtureLoader(sources, t.seq_len, t.micro_batch_size, seed=t.seed,
+                                     rank=dims.dp_rank, world=dims.dp)
+        val_sets = {s.name: s.val for s in sources}
+        val_data = sources[0].val
+    else:
+        train_loader = BatchLoader(TokenDataset(job.cfg.data.path, "train"), t.seq_len, t.micro_batch_size,
+                                   seed=t.seed, rank=dims.dp_rank, world=dims.dp)
+        val_data, val_sets = TokenDataset(job.cfg.data.path, "val"), {}
+    return Components(job, dims, device, rng, model, engine, train_loader, val_data, val_sets, spans, note, source)

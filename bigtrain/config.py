@@ -14,6 +14,7 @@ import difflib
 import fractions
 import inspect
 import math
+import os
 import re
 import textwrap
 import typing
@@ -209,9 +210,37 @@ class DataConfig:
     """Directory written by `bigtrain prepare`: train.bin, val.bin, tokenizer.model, meta.json."""
     eval_batches: int = 8
     """Micro-batches of the validation split per evaluation."""
+    mix: list[str] = field(default_factory=list)
+    """Train on a weighted mixture of prepared directories instead of data.path: DIR:WEIGHT items, e.g. [data/web:0.7, data/code:0.3] (data.mix=data/web:0.7,data/code:0.3 on the command line); weights are relative, every source must share one tokenizer, and each sample's source is drawn from the weights with train.seed."""
 
     def validate(self) -> None:
         _positive(self, "eval_batches")
+        mixture = self.mixture()
+        if mixture and os.path.normpath(self.path) not in {os.path.normpath(d) for d, _ in mixture} \
+                and self.path not in ("", DataConfig.path):
+            raise ConfigError(f"data.path={self.path!r} and data.mix both name the training data; with data.mix "
+                              f"leave data.path unset (or name one of the mixture's directories)")
+
+    def mixture(self) -> list[tuple[str, float]]:
+        """data.mix as (directory, weight) pairs, weights as written ([] without a mixture)."""
+        form = "write data.mix=DIR:WEIGHT,DIR:WEIGHT (e.g. data/web:0.7,data/code:0.3), weights > 0"
+        pairs, seen = [], set()
+        for i, item in enumerate(self.mix):
+            path, sep, weight = item.rpartition(":")
+            try:
+                w = float(weight) if sep and path.strip() else None
+            except ValueError:
+                w = None
+            if w is None:
+                raise ConfigError(f"data.mix[{i}]={item!r} is not DIR:WEIGHT; {form}")
+            if not (math.isfinite(w) and w > 0):
+                raise ConfigError(f"data.mix[{i}]={item!r} has weight {weight.strip()!r}, not a finite number > 0; {form}")
+            path = path.strip()
+            if os.path.normpath(path) in seen:
+                raise ConfigError(f"data.mix names {path!r} twice; list each directory once with its total weight")
+            seen.add(os.path.normpath(path))
+            pairs.append((path, w))
+        return pairs
 
 
 @dataclass

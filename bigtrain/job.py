@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from bigtrain.config import Config, ModelConfig
-from bigtrain.data.dataset import load_meta
+from bigtrain.data.mixture import data_meta
 from bigtrain.data.tokenizer import check_vocab
 from bigtrain.errors import UserError
 from bigtrain.parallel.dims import check_layout, check_model, padded_vocab
@@ -78,11 +78,12 @@ class Job:
 def resolve(cfg: Config, world: int, device: str, meta: dict | None = None) -> Job:
     """Validate `cfg` for `world` processes on `device` and derive the Job.
 
-    meta: the data's meta.json (the trainer has it); None reads it only when the vocabulary
+    meta: the data's meta.json (the trainer has it; a data.mix's shared one, see
+    bigtrain.data.mixture.data_meta); None reads it only when the vocabulary
     must come from it (model.vocab_size 0), so `bigtrain plan` needs no data for a preset.
     """
     tp, dp = check_layout(world, cfg.parallel.tp, cfg.parallel.dp)
-    cfg = _with_vocab(cfg, meta)
+    cfg = _with_vocab(_with_data_path(cfg), meta)
     check_model(cfg.model, tp)
     t = cfg.train
     per_step = t.micro_batch_size * dp
@@ -101,12 +102,21 @@ def resolve(cfg: Config, world: int, device: str, meta: dict | None = None) -> J
                padded_vocab(cfg.model.vocab_size, tp), shape)
 
 
+def _with_data_path(cfg: Config) -> Config:
+    """With data.mix, data.path names its first source: the directory whose tokenizer.model (the
+    sources share it) `bigtrain sample` and `export-hf` read from the run's config.yaml."""
+    mixture = cfg.data.mixture()
+    if not mixture or cfg.data.path == mixture[0][0]:
+        return cfg
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=mixture[0][0]))
+
+
 def _with_vocab(cfg: Config, meta: dict | None) -> Config:
     """cfg with model.vocab_size taken from the tokenizer when it is 0 (a copy: cfg is unchanged),
     checked against the tokenizer's when the data's meta is known."""
     vocab = cfg.model.vocab_size
     if vocab == 0 and meta is None:
-        meta = load_meta(cfg.data.path)  # a clear error if data.path was never prepared
+        meta = data_meta(cfg.data)  # a clear error if data.path (or a data.mix source) was never prepared
     if meta is not None:
         if vocab == 0:
             vocab = int(meta["vocab_size"])

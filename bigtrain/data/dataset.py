@@ -190,12 +190,19 @@ class BatchLoader:
         """Passes over the split so far, fractional."""
         return self.consumed / self.n_windows
 
+    def source_counts(self) -> dict[str, int]:
+        """Samples per data.mix source ({} for one directory; see MixtureLoader)."""
+        return {}
+
     def state_dict(self) -> dict:
         return {"consumed": self.consumed, "seq_len": self.seq_len, "seed": self.seed,
                 "shuffle": self.shuffle, "tokens": len(self.dataset)}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue at `state`'s global position; any rank/world/micro_batch may load it."""
+        if "mix" in state:
+            raise UserError("the checkpoint's data position is of a data.mix mixture, not of a single data.path; "
+                            "resume with the checkpoint's data.mix (or start fresh with train.resume=none)")
         mine = {"seq_len": self.seq_len, "seed": self.seed, "shuffle": self.shuffle, "tokens": len(self.dataset)}
         for key, value in mine.items():
             if key in state and state[key] != value:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from typing import TYPE_CHECKING
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +25,9 @@ from bigtrain.config import Config
 from bigtrain.data.dataset import load_meta
 from bigtrain.errors import UserError
 from bigtrain.parallel.dims import check_layout, check_model, padded_vocab
-from bigtrain.planner.formula import Shape
+
+if TYPE_CHECKING:  # imported where used: bigtrain.planner's modules import this one (a cycle otherwise)
+    from bigtrain.planner.formula import Shape
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,8 @@ def resolve(cfg: Config, world: int, device: str, meta: dict | None = None) -> J
     on_cpu = device == "cpu"
     # CPU dropout masks are stored in the activation dtype (bool on CUDA), and CPU attention
     # with dropout falls back to SDPA's math kernel, which keeps the probabilities.
+    from bigtrain.planner.formula import Shape
+
     shape = Shape(cfg.model, t.micro_batch_size, t.seq_len, tp, sp, elem,
                   mask_bytes=elem if on_cpu else 1, math_attention=on_cpu and cfg.model.dropout > 0)
     return Job(cfg, world, device, tp, dp, sp, t.global_batch_size // per_step, bf16,

@@ -141,11 +141,36 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class _RecordingWriter:
+    """A file wrapper that keeps the OSError of a failed write: torch.save reports a full disk
+    as a cryptic RuntimeError ("unexpected pos 704 vs 598"), this keeps the real cause."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, b):
+        try:
+            return self.f.write(b)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        self.f.flush()
+
+
 def write_file(path: Path, obj) -> None:
-    """torch.save to a temporary name, fsync, rename: the file is either old, new, or absent."""
+    """torch.save to a temporary name, fsync, rename: the file is either old, new, or absent.
+    A failed write raises the OSError that caused it (ENOSPC, EIO, ...)."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        torch.save(obj, f)
+        w = _RecordingWriter(f)
+        try:
+            torch.save(obj, w)
+        except RuntimeError:
+            if w.error is not None:
+                raise w.error from None
+            raise
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -164,38 +189,123 @@ def save_checkpoint(out_dir: str | Path, step: int, rank_state: dict, manifest: 
                     write_extra=None) -> Path:
     """Write this rank's state; rank 0 adds the manifest and publishes the directory.
 
-    Collective: every rank of the job calls it (barriers keep the phases in order).
-    `write_extra(directory)`, when given, is called on every rank to add engine files (DeepSpeed).
+    Collective: every rank of the job calls it. After each phase the ranks agree on its
+    success with one small all-reduce (not a barrier: a rank that failed to write must not
+    leave the others waiting), so a failure anywhere -- a full disk, EIO, a read-only mount --
+    makes every rank remove the partial directory and raise the same one-line UserError, with
+    the previous checkpoints untouched. `write_extra(directory)`, when given, is called on every
+    rank to add engine files (DeepSpeed; a failure inside DeepSpeed's own collectives is
+    DeepSpeed's: it ends at parallel.timeout_s at worst).
     """
     root = checkpoint_root(out_dir)
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp_step_{step:08d}"
+    phases = [
+        lambda: _prepare(root, tmp) if dims.rank == 0 else None,
+        lambda: write_file(tmp / f"rank{dims.rank:05d}.pt", rank_state),
+        lambda: write_extra(tmp) if write_extra is not None else None,
+        lambda: _publish(root, tmp, final, {**manifest, "step": step, "world_size": dims.world_size,
+                                             "tp": dims.tp, "dp": dims.dp, "complete": True})
+        if dims.rank == 0 else None,
+    ]
+    for phase in phases:
+        error = _attempt(phase)
+        failures = agree_on_failure(error)
+        if failures:
+            message = _cleanup_after_failure(out_dir, step, tmp, dims.rank, failures)
+            if error is not None and not isinstance(error, OSError):
+                raise error  # a bug, not the disk: keep its traceback (the peers report it in one line)
+            raise UserError(message) from None
     if dims.rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():  # left by a run that died while saving this step
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    _barrier()
-    if write_extra is not None:
-        write_extra(tmp)
-    write_file(tmp / f"rank{dims.rank:05d}.pt", rank_state)
-    _barrier()
-    if dims.rank == 0:
-        write_json(tmp / "manifest.json", {**manifest, "step": step, "world_size": dims.world_size,
-                                           "tp": dims.tp, "dp": dims.dp, "complete": True})
-        _fsync_dir(tmp)
-        if final.exists():  # the same step saved again (e.g. end of a resumed run): replace it
-            old = root / f".old_step_{step:08d}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(root)
-        prune(out_dir, keep_last)
-    _barrier()
+        prune(out_dir, keep_last)  # never fails: ignore_errors
     return final
+
+
+def _prepare(root: Path, tmp: Path) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    # Partial directories of saves killed mid-way (SIGKILL leaves no chance to clean up): never
+    # a checkpoint, and on a full disk the space the next save needs.
+    for stale in root.glob(".tmp_step_*"):
+        shutil.rmtree(stale)
+    tmp.mkdir()
+
+
+def _publish(root: Path, tmp: Path, final: Path, manifest: dict) -> None:
+    """Rank 0: the manifest last, then one atomic rename makes the checkpoint visible."""
+    write_json(tmp / "manifest.json", manifest)
+    _fsync_dir(tmp)
+    if final.exists():  # the same step saved again (e.g. end of a resumed run): replace it
+        old = root / f".old_step_{final.name[5:]}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            os.replace(old, final)  # put the complete previous one back
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(root)
+
+
+def _attempt(phase) -> BaseException | None:
+    """Run one phase of a save; its exception (returned, not raised, so that every rank still
+    reaches the agreement) or None."""
+    try:
+        phase()
+    except Exception as e:  # noqa: BLE001 - reported to every rank below
+        return e
+    return None
+
+
+def agree_on_failure(error: BaseException | None) -> list[tuple[int, str]]:
+    """Collective: (rank, message) of every rank whose `error` is set, the same list on every
+    rank. One 1-element all-reduce when all succeeded (on the GPU under NCCL, which cannot
+    reduce CPU tensors); the messages travel only after a failure."""
+    message = None if error is None else _describe(error)
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [] if message is None else [(0, message)]
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" \
+        else torch.device("cpu")
+    flag = torch.tensor([float(message is not None)], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    if flag.item() == 0:
+        return []
+    messages = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(messages, message)
+    return [(r, m) for r, m in enumerate(messages) if m is not None]
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        where = f" ({e.filename})" if e.filename else ""
+        return f"{e.strerror}{where}"
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+def _cleanup_after_failure(out_dir, step: int, tmp: Path, rank: int, failures: list[tuple[int, str]]) -> str:
+    """Every rank removes its own files of the failed save, then rank 0 the directory (after a
+    barrier: all ranks are here, the agreement said so). Returns the one-line error."""
+    for name in (f"rank{rank:05d}.pt", f"rank{rank:05d}.pt.tmp"):
+        try:
+            (tmp / name).unlink(missing_ok=True)
+        except OSError:
+            pass  # rank 0's rmtree below tries again
+    _barrier()
+    left = ""
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp.exists():
+            left = f"; could not remove the partial {str(tmp)!r}: delete it by hand"
+    _barrier()
+    first_rank, first = failures[0]
+    where = f"rank {first_rank}" + (f" (and {len(failures) - 1} more)" if len(failures) > 1 else "")
+    latest = latest_checkpoint(out_dir)
+    kept = (f"the newest complete checkpoint is still {latest.name} (train.resume=auto continues from it)"
+            if latest is not None else "there is no earlier checkpoint")
+    return f"could not save the checkpoint of step {step}: {where}: {first}; the partial checkpoint was removed{left}, {kept}"
 
 
 def prune(out_dir: str | Path, keep_last: int) -> None:
@@ -233,9 +343,44 @@ def read_manifest(ckpt: str | Path) -> dict:
         raise UserError(f"{str(ckpt)!r} is not a complete bigtrain checkpoint (no manifest.json); "
                         f"pass a checkpoints/step_XXXXXXXX directory or train.resume=auto")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"checkpoint manifest {str(path)!r} is corrupt: {e}") from None
+    check_manifest(Path(ckpt), manifest)
+    return manifest
+
+
+# field -> the JSON types it may have (bool is an int to Python: refused separately below)
+_MANIFEST_FIELDS = {"step": int, "world_size": int, "tp": int, "dp": int, "config": dict}
+
+
+def check_manifest(directory: Path, manifest) -> None:
+    """Refuse, in one line, a manifest that disagrees with itself or with its directory: a
+    missing or mistyped field, tp * dp != world_size, a step that is not the directory's, or a
+    rank file missing for its world_size -- before any rank reads a tensor."""
+    where = f"checkpoint manifest {str(directory / 'manifest.json')!r}"
+    if not isinstance(manifest, dict):
+        raise UserError(f"{where} is not a JSON object")
+    for key, typ in _MANIFEST_FIELDS.items():
+        value = manifest.get(key)
+        if not isinstance(value, typ) or isinstance(value, bool):
+            raise UserError(f"{where}: field {key!r} is {value!r}, expected {'an integer' if typ is int else 'an object'}")
+    if not isinstance(manifest["config"].get("model"), dict):
+        raise UserError(f"{where}: field 'config' has no 'model' section")
+    if manifest["step"] < 0 or min(manifest["world_size"], manifest["tp"], manifest["dp"]) < 1:
+        raise UserError(f"{where}: step must be >= 0 and world_size, tp, dp >= 1 (step {manifest['step']}, "
+                        f"world_size {manifest['world_size']}, tp {manifest['tp']}, dp {manifest['dp']})")
+    if manifest["tp"] * manifest["dp"] != manifest["world_size"]:
+        raise UserError(f"{where}: tp({manifest['tp']}) * dp({manifest['dp']}) != world_size({manifest['world_size']})")
+    m = STEP_RE.match(directory.name)
+    if m and int(m.group(1)) != manifest["step"]:
+        raise UserError(f"{where}: step {manifest['step']} does not match the directory {directory.name}")
+    if not manifest.get("weights_only") and not isinstance(manifest.get("data"), dict):
+        raise UserError(f"{where}: field 'data' (the data position) is {manifest.get('data')!r}, expected an object")
+    missing = [r for r in range(manifest["world_size"]) if not (directory / f"rank{r:05d}.pt").is_file()]
+    if missing:
+        raise UserError(f"{where}: world_size {manifest['world_size']} but no file for rank(s) {missing[:4]} "
+                        f"(rank{missing[0]:05d}.pt); the checkpoint is incomplete")
 
 
 def read_rank_file(ckpt: str | Path, rank: int) -> dict:

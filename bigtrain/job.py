@@ -72,14 +72,14 @@ def resolve(cfg: Config, world: int, device: str, meta: dict | None = None) -> J
     if t.global_batch_size % per_step:
         raise UserError(f"train.global_batch_size({t.global_batch_size}) is not a multiple of "
                         f"train.micro_batch_size({t.micro_batch_size}) * dp({dp}) = {per_step}")
+    from bigtrain.planner.formula import Shape  # here, not at the top: see the import there
+
     bf16 = t.dtype == "bf16" or (t.dtype == "auto" and device == "cuda")
     elem = 2 if bf16 else 4
     sp = cfg.parallel.sequence_parallel
     on_cpu = device == "cpu"
     # CPU dropout masks are stored in the activation dtype (bool on CUDA), and CPU attention
     # with dropout falls back to SDPA's math kernel, which keeps the probabilities.
-    from bigtrain.planner.formula import Shape
-
     shape = Shape(cfg.model, t.micro_batch_size, t.seq_len, tp, sp, elem,
                   mask_bytes=elem if on_cpu else 1, math_attention=on_cpu and cfg.model.dropout > 0)
     return Job(cfg, world, device, tp, dp, sp, t.global_batch_size // per_step, bf16,

@@ -163,16 +163,21 @@ def write_file(path: Path, obj) -> None:
     """torch.save to a temporary name, fsync, rename: the file is either old, new, or absent.
     A failed write raises the OSError that caused it (ENOSPC, EIO, ...)."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        w = _RecordingWriter(f)
-        try:
-            torch.save(obj, w)
-        except RuntimeError:
-            if w.error is not None:
-                raise w.error from None
-            raise
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            w = _RecordingWriter(f)
+            try:
+                torch.save(obj, w)
+            except RuntimeError:
+                if w.error is not None:
+                    raise w.error from None
+                raise
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        if e.filename is None:  # a failed write() names no file: name it for the user
+            e.filename = str(tmp)
+        raise
     os.replace(tmp, path)
 
 

@@ -238,9 +238,11 @@ class TrainConfig:
     """Compute precision: auto is bf16 autocast on CUDA and fp32 on CPU."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto: the local GPU if there is one, else the CPU."""
+    stop_check_every: int = 10
+    """On SIGTERM/SIGUSR1 the ranks agree to stop at logging steps and every N steps (each check is a host sync)."""
 
     def validate(self) -> None:
-        _positive(self, "steps", "micro_batch_size", "global_batch_size", "seq_len")
+        _positive(self, "steps", "micro_batch_size", "global_batch_size", "seq_len", "stop_check_every")
         _nonnegative(self, "save_every", "eval_every")
         if not 0 <= self.seed < SEED_LIMIT:  # torch.manual_seed takes < 2**64, and the "tp" stream adds an offset
             raise ConfigError(f"train.seed={self.seed} must be in [0, 2**63)")

@@ -55,9 +55,10 @@ class Engine(abc.ABC):
         """Add this micro-batch's gradients (of loss / accumulation steps). Never updates weights."""
 
     @abc.abstractmethod
-    def step(self) -> float:
+    def step(self) -> torch.Tensor | float | None:
         """Apply the accumulated gradients: synchronise, clip, update, zero them. Returns the
-        global gradient norm before clipping."""
+        global gradient norm before clipping, unread (a device tensor where the engine has one:
+        reading it is a host sync, which the trainer does only at logging steps)."""
 
     def state_dict(self) -> dict:
         """Engine state that travels in this rank's checkpoint file."""
@@ -105,7 +106,7 @@ class TorchEngine(Engine):
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.accum_steps).backward()
 
-    def step(self) -> float:
+    def step(self) -> torch.Tensor:
         sync_sequence_parallel_grads(self.module, self.dims)
         if self.grad_clip > 0:
             norm = clip_grad_norm(self.module, self.grad_clip, self.dims)
@@ -113,7 +114,7 @@ class TorchEngine(Engine):
             norm = grad_norm(self.module, self.dims)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm.detach()
 
     def state_dict(self) -> dict:
         return {"optim": ckpt.optimizer_state_by_name(self.optimizer, self.module)}
@@ -190,10 +191,9 @@ class DeepSpeedEngine(Engine):
         if not self.model.is_gradient_accumulation_boundary():
             self.model.step()
 
-    def step(self) -> float:
+    def step(self) -> torch.Tensor | float | None:
         self.model.step()
-        norm = self.model.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        return self.model.get_global_grad_norm()  # read by the trainer at logging steps
 
     def full_parameters(self):
         """ZeRO-3 keeps 1/dp of each parameter between steps: gather them (read-only) for the

@@ -2,8 +2,11 @@
 
 Layout of a run directory:
 
-    checkpoints/step_00000100/manifest.json    written last by rank 0: step, layout, config
-    checkpoints/step_00000100/rank00000.pt     this rank's model/optimizer shards, RNG, data position
+    checkpoints/step_00000100/manifest.json    written last by rank 0: step, layout, config, data
+                                               position, which file holds which tensors
+    checkpoints/step_00000100/rank00000.pt     this rank's RNG state; for data-parallel rank 0
+                                               (ranks 0..tp-1) also its TP rank's model and
+                                               optimizer shards, written once, not once per replica
 
 Every rank writes into `checkpoints/.tmp_step_XXXXXXXX/` (each file to a temporary name, fsynced
 and renamed), then rank 0 writes the manifest and renames the whole directory into place. A rename
@@ -33,6 +36,7 @@ from bigtrain.parallel.layers import full_from_shards, full_shape, my_slice, sha
 from bigtrain.safe_load import load_tensors
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
+RANK_FILE_RE = re.compile(r"^rank\d{5}\.pt$")
 
 
 def checkpoint_root(out_dir: str | Path) -> Path:
@@ -382,10 +386,28 @@ def check_manifest(directory: Path, manifest) -> None:
         raise UserError(f"{where}: step {manifest['step']} does not match the directory {directory.name}")
     if not manifest.get("weights_only") and not isinstance(manifest.get("data"), dict):
         raise UserError(f"{where}: field 'data' (the data position) is {manifest.get('data')!r}, expected an object")
-    missing = [r for r in range(manifest["world_size"]) if not (directory / f"rank{r:05d}.pt").is_file()]
+    files = manifest.get("tensor_files", {"model": [f"rank{r:05d}.pt" for r in range(manifest["tp"])]})
+    if not (isinstance(files, dict) and isinstance(files.get("model"), list) and len(files["model"]) == manifest["tp"]
+            and all(isinstance(f, str) and RANK_FILE_RE.match(f) for f in files["model"])):
+        raise UserError(f"{where}: field 'tensor_files' is {files!r}, expected {{'model': [one rankNNNNN.pt per tp rank]}}")
+    names = {f"rank{r:05d}.pt" for r in range(manifest["world_size"])} | set(files["model"])
+    missing = sorted(int(n[4:9]) for n in names if not (directory / n).is_file())
     if missing:
         raise UserError(f"{where}: world_size {manifest['world_size']} but no file for rank(s) {missing[:4]} "
                         f"(rank{missing[0]:05d}.pt); the checkpoint is incomplete")
+
+
+def tensor_files(tp: int) -> dict:
+    """The manifest's record of which file holds which tensors: tp rank i's model shards and
+    bigtrain's optimizer state (DDP) are in model[i], written by data-parallel rank 0 of that
+    TP group, which is global rank i. Every rank's own file holds its RNG state."""
+    names = [f"rank{r:05d}.pt" for r in range(tp)]
+    return {"model": names, "optim": names}
+
+
+def read_shard_file(ckpt: str | Path, manifest: dict, tp_rank: int) -> dict:
+    """The file holding tp rank `tp_rank`'s model and optimizer shards."""
+    return load_tensors(Path(ckpt) / manifest["tensor_files"]["model"][tp_rank])
 
 
 def read_rank_file(ckpt: str | Path, rank: int) -> dict:

@@ -58,20 +58,24 @@ def load_weights_only(module, job: Job, path: Path, announce: bool) -> None:
 
 
 def save_state(c, step: int, data_state: dict) -> Path:
-    """Checkpoint the job at `step` (collective): this rank's model shards, engine state, RNG
-    and the data position; rank 0 publishes the directory."""
-    with c.engine.full_parameters():
-        model = {n: p.detach().cpu().clone() for n, p in c.module.named_parameters()}
+    """Checkpoint the job at `step` (collective): RNG state in every rank's file; the model
+    shards and bigtrain's optimizer state once per TP rank, in the file of its data-parallel
+    rank 0 (the DP replicas hold the same bytes: DDP's update is identical on each); the data
+    position in the manifest; rank 0 publishes the directory."""
+    holds_shards = c.dims.dp_rank == 0
+    with c.engine.full_parameters():  # collective under ZeRO-3: every rank enters it
+        model = {n: p.detach().cpu().clone() for n, p in c.module.named_parameters()} if holds_shards else None
     rank_state = {
-        "model": model,
-        **c.engine.state_dict(),
         "shards": ckpt.shard_meta(c.module),
         "rng": ckpt.rng_state(),
         "rng_tracker": c.rng.get_states(),  # the "tp" dropout stream of this TP rank
         "step": step,
     }
+    if holds_shards:
+        rank_state.update(model=model, **c.engine.state_dict())
     cfg = c.job.cfg
-    manifest = {"config": to_dict(cfg), "data": data_state, "engine": cfg.parallel.engine}
+    manifest = {"config": to_dict(cfg), "data": data_state, "engine": cfg.parallel.engine,
+                "tensor_files": ckpt.tensor_files(c.dims.tp)}
     return ckpt.save_checkpoint(cfg.train.out_dir, step, rank_state, manifest, c.dims,
                                 cfg.checkpoint.keep_last, write_extra=c.engine.save)
 
@@ -88,8 +92,9 @@ def restore_state(c, path: Path) -> int:
     same_layout = (manifest["tp"], manifest["dp"]) == (dims.tp, dims.dp)
     if same_layout:
         saved = ckpt.read_rank_file(path, dims.rank)
-        model_state, rng = saved["model"], saved["rng"]
-        c.engine.load_state_dict(saved)
+        shards = saved if "model" in saved else ckpt.read_shard_file(path, manifest, dims.tp_rank)
+        model_state, rng = shards["model"], saved["rng"]
+        c.engine.load_state_dict(shards)
         if "rng_tracker" in saved:
             c.rng.set_states(saved["rng_tracker"])
     elif cfg.parallel.engine == "deepspeed":

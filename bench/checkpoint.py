@@ -1,0 +1,94 @@
+"""Per-step host syncs and checkpoint bytes, side by side in one invocation (CPU or GPU).
+
+    .venv/bin/python bench/checkpoint.py --data data/shakespeare [--steps 40] [--skip-sync] [--skip-bytes]
+
+1. tokens/s with log.every=1 against log.every=10 (single process and dp=2 under torchrun):
+   log.every=1 reads the loss and grad norm every step, log.every=10 every tenth. tokens/s is
+   the training tokens of the logged windows after the first, over their wall time.
+2. checkpoint bytes of the same step at dp=1, dp=2 and tp=2 x dp=2: each tensor written once
+   means the three agree to within the per-rank RNG state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ["model.dim=128", "model.n_layers=4", "model.n_heads=4", "model.max_seq_len=128", "train.seq_len=128",
+         "train.micro_batch_size=4", "train.global_batch_size=8", "log.progress=false", "log.wandb.mode=disabled",
+         "train.eval_every=0", "data.eval_batches=1"]
+
+
+def train(data: str, nproc: int, extra: list[str], threads: int) -> Path:
+    out = Path(tempfile.mkdtemp(prefix="bench-ckpt-")) / "run"
+    args = ["train", "--config", "configs/debug.yaml", *MODEL, f"data.path={data}", f"train.out_dir={out}", *extra]
+    cmd = [sys.executable, "-m", "bigtrain.cli", *args] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+         "-m", "bigtrain.cli", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{r.stderr[-3000:]}")
+    return out
+
+
+def tokens_per_s(out: Path, tokens_per_step: int, every: int) -> float:
+    """Tokens over time of every logged window but the first (warm-up)."""
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    windows = [r for r in records if r["step"] > max(every, 10)]
+    tokens = sum(tokens_per_step * every for _ in windows)
+    seconds = sum(tokens_per_step * every / r["tokens_per_s"] for r in windows)
+    return tokens / seconds
+
+
+def sync_bench(data: str, steps: int) -> None:
+    tokens = 8 * 128
+    print(f"{'layout':8} {'log.every=1':>14} {'log.every=10':>14} {'ratio':>7}")
+    for name, nproc, extra, threads in (("single", 1, [], 2), ("dp2", 2, ["parallel.dp=2"], 1)):
+        tps = {}
+        for every in (1, 10):
+            run = train(data, nproc, [*extra, f"train.steps={steps}", "train.save_every=0", f"log.every={every}"],
+                        threads)
+            tps[every] = tokens_per_s(run, tokens, every)
+        print(f"{name:8} {tps[1]:14.0f} {tps[10]:14.0f} {tps[10] / tps[1]:7.3f}", flush=True)
+
+
+def checkpoint_bytes(step_dir: Path) -> dict:
+    files = {p.name: p.stat().st_size for p in step_dir.rglob("*") if p.is_file()}
+    return {"total": sum(files.values()), "files": len(files)}
+
+
+def bytes_bench(data: str) -> None:
+    base = None
+    print(f"{'layout':8} {'files':>5} {'bytes':>12} {'vs dp1':>7}")
+    for name, nproc, extra in (("dp1", 1, []), ("dp2", 2, ["parallel.dp=2"]),
+                               ("tp2dp2", 4, ["parallel.tp=2", "parallel.dp=2"])):
+        run = train(data, nproc, [*extra, "train.steps=2", "log.every=1"], threads=1)
+        b = checkpoint_bytes(run / "checkpoints" / "step_00000002")
+        base = base or b["total"]
+        print(f"{name:8} {b['files']:5d} {b['total']:12d} {b['total'] / base:7.3f}", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", required=True, help="a prepared data directory")
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--skip-sync", action="store_true")
+    ap.add_argument("--skip-bytes", action="store_true")
+    a = ap.parse_args()
+    print(f"load: {os.getloadavg()}")
+    if not a.skip_sync:
+        sync_bench(a.data, a.steps)
+    if not a.skip_bytes:
+        bytes_bench(a.data)
+    print(f"load: {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()

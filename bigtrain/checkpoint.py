@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from bigtrain.errors import UserError
-from bigtrain.parallel.layers import full_from_shards, full_shape, my_slice, shard_of
+from bigtrain.parallel.layers import full_from_shards, full_shape, shard_of
 from bigtrain.safe_load import load_tensors
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
@@ -450,26 +450,53 @@ def full_tensors(shards: list[dict], meta: dict) -> dict:
 
 def reshard(path: str | Path, manifest: dict, module: nn.Module) -> tuple[dict, dict]:
     """(model state, optimizer state by name) for this rank of `module`'s layout, from a checkpoint
-    written at another tp/dp layout: rebuild every full tensor from the saved TP group of
-    data-parallel rank 0, then cut this rank's slice with the parameter's own Shard."""
-    states = [read_rank_file(path, r) for r in range(manifest["tp"])]
+    written at another tp/dp layout, read from the saved TP group of data-parallel rank 0.
+
+    Bounded: the files are memory-mapped (torch.load(mmap=True, weights_only=True)) and each
+    tensor is cut straight from the saved pieces (`part_of`), so a rank reads only the rows of
+    its own slices and never holds a full tensor it does not keep."""
+    states = [load_tensors(Path(path) / name, mmap=True) for name in _shard_file_names(manifest)]
     meta = states[0]["shards"]
     params = dict(module.named_parameters())
 
-    def mine(name: str, full: torch.Tensor) -> torch.Tensor:
-        return my_slice(params[name], full) if name in params else full
+    def mine(name: str, pieces: list[torch.Tensor]) -> torch.Tensor:
+        return part_of(pieces, meta[name], shard_of(params[name]) if name in params else None)
 
-    model = {n: mine(n, t) for n, t in full_tensors([s["model"] for s in states], meta).items()}
+    model = {n: mine(n, [s["model"][n] for s in states]) for n in meta}
     optim = {"groups": states[0]["optim"]["groups"], "state": {}}
     for name, entry in states[0]["optim"]["state"].items():
         optim["state"][name] = {}
         for key, value in entry.items():
             if torch.is_tensor(value) and value.ndim > 0 and name in meta:  # exp_avg, exp_avg_sq: like the param
-                full = unshard([s["optim"]["state"][name][key] for s in states], meta[name])
-                optim["state"][name][key] = mine(name, full)
+                optim["state"][name][key] = mine(name, [s["optim"]["state"][name][key] for s in states])
             else:  # the step counter: the same on every rank
-                optim["state"][name][key] = value
+                optim["state"][name][key] = value.clone() if torch.is_tensor(value) else value
     return model, optim
+
+
+def _shard_file_names(manifest: dict) -> list[str]:
+    """The files holding TP ranks 0..tp-1's tensors (ranks 0..tp-1 before tensor_files existed)."""
+    return manifest.get("tensor_files", {}).get("model") or [f"rank{r:05d}.pt" for r in range(manifest["tp"])]
+
+
+def part_of(pieces: list[torch.Tensor], info: dict, shard) -> torch.Tensor:
+    """`shard(unshard(pieces, info))` -- this rank's slice of a tensor saved as TP pieces -- as a
+    new tensor, without building the full one: only the saved rows inside the slice are read
+    (from memory-mapped pieces, only their pages). Bitwise the same: both only copy."""
+    dim = info["shard_dim"]
+    if shard is None or dim is None or shard.dim != dim:  # a replicated side: the full tensor is the part
+        full = unshard(pieces, info)
+        return (shard(full) if shard is not None else full).clone()
+    rows = pieces[0].shape[dim]  # per saved piece; the last ones may end in vocab padding
+    lo, hi = shard.start, min(shard.start + shard.size, info["full_shape"][dim])  # rows past full_shape: padding
+    shape = list(pieces[0].shape)
+    shape[dim] = shard.size
+    out = pieces[0].new_zeros(shape)
+    for i, piece in enumerate(pieces):
+        a, b = max(lo, i * rows), min(hi, (i + 1) * rows)
+        if a < b:
+            out.narrow(dim, a - lo, b - a).copy_(piece.narrow(dim, a - i * rows, b - a))
+    return out
 
 
 def full_model_state(path: str | Path, manifest: dict) -> dict:

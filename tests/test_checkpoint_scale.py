@@ -82,3 +82,40 @@ def test_tp2_dp2_reshards_to_one_process(runs, tmp_path):
     losses = train(0, 1, [*one, f"train.out_dir={tmp_path / 'one'}", f"train.resume={step3}"])
     assert len(losses) == 2  # as test_resharded_resume: fp32 rounding of another layout
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref[3:]), rtol=LOSS_RTOL, atol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Bounded resharding: each rank's slice cut straight from the saved pieces
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+@pytest.mark.parametrize("src_tp,src_padded,dst_tp,dst_padded", [
+    (2, 10, 1, 10), (1, 10, 2, 10), (4, 12, 2, 10), (2, 10, 4, 12), (4, 12, 3, 12), (3, 12, 4, 12)])
+def test_part_of_is_the_slice_of_the_full_tensor(dim, src_tp, src_padded, dst_tp, dst_padded):
+    """Vocab-style padding on both sides (10 real rows padded to 12): the part equals the
+    destination Shard applied to the rebuilt full tensor, bitwise."""
+    from bigtrain.parallel.layers import Shard
+
+    shape = (10, 3) if dim == 0 else (3, 10)
+    full = torch.randn(shape)
+    pieces = [Shard(dim, src_padded, src_tp, r, shape)(full) for r in range(src_tp)]
+    info = {"shard_dim": dim, "full_shape": list(shape)}
+    for r in range(dst_tp):
+        dst = Shard(dim, dst_padded, dst_tp, r, shape)
+        assert torch.equal(ckpt.part_of(pieces, info, dst), dst(full)), r
+    assert torch.equal(ckpt.part_of(pieces, info, None), full)  # a replicated destination
+
+
+def test_reshard_maps_the_files(runs, monkeypatch):
+    """Resharding loads the saved TP group's files memory-mapped (reads only what it slices)."""
+    from bigtrain.config import load_config
+    from bigtrain.trainer import Trainer
+
+    seen = []
+    real = ckpt.load_tensors
+    monkeypatch.setattr(ckpt, "load_tensors", lambda path, *a, **k: seen.append((path.name, k.get("mmap"))) or real(path, *a, **k))
+    out, _, args = runs["tp2_dp2"]
+    one = [a for a in args if not a.startswith(("train.out_dir", "parallel."))]
+    Trainer(load_config("configs/debug.yaml", [*one, f"train.out_dir={out.parent / 'mapped'}",
+                                               f"train.resume={ckpt.checkpoint_root(out) / 'step_00000003'}"]))
+    assert ("rank00000.pt", True) in seen and ("rank00001.pt", True) in seen

@@ -1,6 +1,7 @@
 """Per-step host syncs and checkpoint bytes, side by side in one invocation (CPU or GPU).
 
-    .venv/bin/python bench/checkpoint.py --data data/shakespeare [--steps 40] [--skip-sync] [--skip-bytes]
+    .venv/bin/python bench/checkpoint.py --data data/shakespeare [--steps 40] [--repeats 2]
+        [--compare-tree DIR] [--skip-sync] [--skip-bytes]
 
 1. tokens/s with log.every=1 against log.every=10 (single process and dp=2 under torchrun):
    log.every=1 reads the loss and grad norm every step, log.every=10 every tenth. tokens/s is
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -25,14 +27,14 @@ MODEL = ["model.dim=128", "model.n_layers=4", "model.n_heads=4", "model.max_seq_
          "train.eval_every=0", "data.eval_batches=1"]
 
 
-def train(data: str, nproc: int, extra: list[str], threads: int) -> Path:
+def train(data: str, nproc: int, extra: list[str], threads: int, root: Path = ROOT) -> Path:
     out = Path(tempfile.mkdtemp(prefix="bench-ckpt-")) / "run"
     args = ["train", "--config", "configs/debug.yaml", *MODEL, f"data.path={data}", f"train.out_dir={out}", *extra]
     cmd = [sys.executable, "-m", "bigtrain.cli", *args] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
          "-m", "bigtrain.cli", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(root)}
+    r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{r.stderr[-3000:]}")
     return out
@@ -47,16 +49,22 @@ def tokens_per_s(out: Path, tokens_per_step: int, every: int) -> float:
     return tokens / seconds
 
 
-def sync_bench(data: str, steps: int) -> None:
+def sync_bench(data: str, steps: int, repeats: int, trees: dict[str, Path]) -> None:
+    """Runs interleaved (every tree and log.every in turn, `repeats` rounds) so that a change in
+    the machine's load hits all of them alike; the median of the rounds is shown."""
     tokens = 8 * 128
-    print(f"{'layout':8} {'log.every=1':>14} {'log.every=10':>14} {'ratio':>7}")
-    for name, nproc, extra, threads in (("single", 1, [], 2), ("dp2", 2, ["parallel.dp=2"], 1)):
-        tps = {}
-        for every in (1, 10):
-            run = train(data, nproc, [*extra, f"train.steps={steps}", "train.save_every=0", f"log.every={every}"],
-                        threads)
-            tps[every] = tokens_per_s(run, tokens, every)
-        print(f"{name:8} {tps[1]:14.0f} {tps[10]:14.0f} {tps[10] / tps[1]:7.3f}", flush=True)
+    print(f"{'tree':8} {'layout':8} {'log.every=1':>12} {'log.every=10':>13} {'ratio':>7}  (tokens/s)")
+    for name, nproc, extra in (("single", 1, []), ("dp2", 2, ["parallel.dp=2"])):
+        tps = {(t, e): [] for t in trees for e in (1, 10)}
+        for _ in range(repeats):
+            for tree, root in trees.items():
+                for every in (1, 10):
+                    run = train(data, nproc, [*extra, f"train.steps={steps}", "train.save_every=0",
+                                              f"log.every={every}"], threads=1, root=root)
+                    tps[tree, every].append(tokens_per_s(run, tokens, every))
+        for tree in trees:
+            one, ten = (statistics.median(tps[tree, e]) for e in (1, 10))
+            print(f"{tree:8} {name:8} {one:12.0f} {ten:13.0f} {ten / one:7.3f}", flush=True)
 
 
 def checkpoint_bytes(step_dir: Path) -> dict:
@@ -64,12 +72,12 @@ def checkpoint_bytes(step_dir: Path) -> dict:
     return {"total": sum(files.values()), "files": len(files)}
 
 
-def bytes_bench(data: str) -> None:
+def bytes_bench(data: str, root: Path = ROOT) -> None:
     base = None
     print(f"{'layout':8} {'files':>5} {'bytes':>12} {'vs dp1':>7}")
     for name, nproc, extra in (("dp1", 1, []), ("dp2", 2, ["parallel.dp=2"]),
                                ("tp2dp2", 4, ["parallel.tp=2", "parallel.dp=2"])):
-        run = train(data, nproc, [*extra, "train.steps=2", "log.every=1"], threads=1)
+        run = train(data, nproc, [*extra, "train.steps=2", "log.every=1"], threads=1, root=root)
         b = checkpoint_bytes(run / "checkpoints" / "step_00000002")
         base = base or b["total"]
         print(f"{name:8} {b['files']:5d} {b['total']:12d} {b['total'] / base:7.3f}", flush=True)
@@ -81,12 +89,17 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--skip-sync", action="store_true")
     ap.add_argument("--skip-bytes", action="store_true")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--compare-tree", type=Path, help="another checkout (e.g. the commit before) run alongside")
     a = ap.parse_args()
+    trees = {"this": ROOT, **({"other": a.compare_tree.resolve()} if a.compare_tree else {})}
     print(f"load: {os.getloadavg()}")
     if not a.skip_sync:
-        sync_bench(a.data, a.steps)
+        sync_bench(a.data, a.steps, a.repeats, trees)
     if not a.skip_bytes:
-        bytes_bench(a.data)
+        for tree, root in trees.items():
+            print(f"checkpoint bytes, {tree} tree")
+            bytes_bench(a.data, root)
     print(f"load: {os.getloadavg()}")
 
 

@@ -92,8 +92,11 @@ def restore_state(c, path: Path) -> int:
     same_layout = (manifest["tp"], manifest["dp"]) == (dims.tp, dims.dp)
     if same_layout:
         saved = ckpt.read_rank_file(path, dims.rank)
-        shards = saved if "model" in saved else ckpt.read_shard_file(path, manifest, dims.tp_rank)
-        model_state, rng = shards["model"], saved["rng"]
+        if "model" in saved or c.engine.loads_module_weights:  # (DeepSpeed reads its own files)
+            shards = saved
+        else:  # a data-parallel replica: its TP rank's shards are in dp rank 0's file
+            shards = ckpt.read_shard_file(path, manifest, dims.tp_rank)
+        model_state, rng = shards.get("model"), saved["rng"]
         c.engine.load_state_dict(shards)
         if "rng_tracker" in saved:
             c.rng.set_states(saved["rng_tracker"])

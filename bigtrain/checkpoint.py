@@ -384,8 +384,6 @@ def check_manifest(directory: Path, manifest) -> None:
     m = STEP_RE.match(directory.name)
     if m and int(m.group(1)) != manifest["step"]:
         raise UserError(f"{where}: step {manifest['step']} does not match the directory {directory.name}")
-    if not manifest.get("weights_only") and not isinstance(manifest.get("data"), dict):
-        raise UserError(f"{where}: field 'data' (the data position) is {manifest.get('data')!r}, expected an object")
     files = manifest.get("tensor_files", {"model": [f"rank{r:05d}.pt" for r in range(manifest["tp"])]})
     if not (isinstance(files, dict) and isinstance(files.get("model"), list) and len(files["model"]) == manifest["tp"]
             and all(isinstance(f, str) and RANK_FILE_RE.match(f) for f in files["model"])):
@@ -403,6 +401,13 @@ def tensor_files(tp: int) -> dict:
     TP group, which is global rank i. Every rank's own file holds its RNG state."""
     names = [f"rank{r:05d}.pt" for r in range(tp)]
     return {"model": names, "optim": names}
+
+
+def check_resumable(directory: Path, manifest: dict) -> None:
+    """What a resume needs beyond the weights (export-hf and sample need only those)."""
+    if not isinstance(manifest.get("data"), dict):
+        raise UserError(f"checkpoint manifest {str(Path(directory) / 'manifest.json')!r}: field 'data' (the data "
+                        f"position) is {manifest.get('data')!r}, expected an object; it cannot be resumed")
 
 
 def read_shard_file(ckpt: str | Path, manifest: dict, tp_rank: int) -> dict:

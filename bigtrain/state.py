@@ -85,6 +85,7 @@ def restore_state(c, path: Path) -> int:
     step. At another tp/dp layout (DDP only) the model and optimizer are resharded."""
     cfg, dims = c.job.cfg, c.dims
     manifest = ckpt.read_manifest(path)
+    ckpt.check_resumable(path, manifest)
     check_same_model(manifest["config"]["model"], to_dict(cfg)["model"], path)
     if manifest.get("engine", "ddp") != cfg.parallel.engine:
         raise UserError(f"checkpoint {str(path)!r} was written with parallel.engine={manifest.get('engine')}; "

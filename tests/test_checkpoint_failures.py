@@ -176,7 +176,6 @@ BROKEN = {
     "step mismatch": ("step_00000005", lambda m, d: None, "step 2 does not match the directory step_00000005"),
     "tp*dp": ("step_00000002", _set(tp=2), "tp(2) * dp(1) != world_size(1)"),
     "config not an object": ("step_00000002", _set(config=[1]), "field 'config' is [1], expected an object"),
-    "data missing": ("step_00000002", lambda m, d: m.pop("data"), "field 'data'"),
     "not an object": ("step_00000002", lambda m, d: m.clear() or m.update(x=1), "field 'step' is None"),
 }
 
@@ -188,6 +187,14 @@ def test_inconsistent_manifest_is_refused(case, saved, tmp_path):
     with pytest.raises(UserError, match="manifest") as e:
         ckpt.read_manifest(copy)
     assert fragment in str(e.value) and "\n" not in str(e.value)
+
+
+def test_manifest_without_data_position_is_not_resumed(tiny_data, saved, tmp_path):
+    copy = _broken(saved, tmp_path, "step_00000002", lambda m, d: m.pop("data"))
+    ckpt.read_manifest(copy)  # export-hf and sample need only the weights
+    r = run_cli("train", "--config", "configs/debug.yaml", *TINY, f"data.path={tiny_data}",
+                f"train.out_dir={tmp_path / 'run'}", "train.steps=3", f"train.resume={copy}")
+    assert_user_error(r, "field 'data'", "cannot be resumed")
 
 
 def test_inconsistent_manifest_on_resume_is_one_line(tiny_data, saved, tmp_path):

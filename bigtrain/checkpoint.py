@@ -132,9 +132,9 @@ def load_optimizer_state_by_name(optimizer: torch.optim.Optimizer, model: nn.Mod
 # Save
 
 
-def _barrier() -> None:
+def _barrier(group=None) -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
+        torch.distributed.barrier(group=group)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -195,7 +195,7 @@ def write_json(path: Path, obj) -> None:
 
 
 def save_checkpoint(out_dir: str | Path, step: int, rank_state: dict, manifest: dict, dims, keep_last: int,
-                    write_extra=None) -> Path:
+                    write_extra=None, group=None) -> Path:
     """Write this rank's state; rank 0 adds the manifest and publishes the directory.
 
     Collective: every rank of the job calls it. After each phase the ranks agree on its
@@ -204,7 +204,8 @@ def save_checkpoint(out_dir: str | Path, step: int, rank_state: dict, manifest: 
     makes every rank remove the partial directory and raise the same one-line UserError, with
     the previous checkpoints untouched. `write_extra(directory)`, when given, is called on every
     rank to add engine files (DeepSpeed; a failure inside DeepSpeed's own collectives is
-    DeepSpeed's: it ends at parallel.timeout_s at worst).
+    DeepSpeed's: it ends at parallel.timeout_s at worst). `group`: the process group of those
+    agreements (a background save has its own, so that they never interleave with training's).
     """
     root = checkpoint_root(out_dir)
     final = root / f"step_{step:08d}"
@@ -219,9 +220,9 @@ def save_checkpoint(out_dir: str | Path, step: int, rank_state: dict, manifest: 
     ]
     for phase in phases:
         error = _attempt(phase)
-        failures = agree_on_failure(error)
+        failures = agree_on_failure(error, group)
         if failures:
-            message = _cleanup_after_failure(out_dir, step, tmp, dims.rank, failures)
+            message = _cleanup_after_failure(out_dir, step, tmp, dims.rank, failures, group)
             if error is not None and not isinstance(error, OSError):
                 raise error  # a bug, not the disk: keep its traceback (the peers report it in one line)
             raise UserError(message) from None
@@ -268,21 +269,21 @@ def _attempt(phase) -> BaseException | None:
     return None
 
 
-def agree_on_failure(error: BaseException | None) -> list[tuple[int, str]]:
+def agree_on_failure(error: BaseException | None, group=None) -> list[tuple[int, str]]:
     """Collective: (rank, message) of every rank whose `error` is set, the same list on every
     rank. One 1-element all-reduce when all succeeded (on the GPU under NCCL, which cannot
     reduce CPU tensors); the messages travel only after a failure."""
     message = None if error is None else _describe(error)
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return [] if message is None else [(0, message)]
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" \
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend(group) == "nccl" \
         else torch.device("cpu")
     flag = torch.tensor([float(message is not None)], device=device)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group)
     if flag.item() == 0:
         return []
-    messages = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(messages, message)
+    messages = [None] * torch.distributed.get_world_size(group)
+    torch.distributed.all_gather_object(messages, message, group=group)
     return [(r, m) for r, m in enumerate(messages) if m is not None]
 
 
@@ -294,7 +295,8 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
-def _cleanup_after_failure(out_dir, step: int, tmp: Path, rank: int, failures: list[tuple[int, str]]) -> str:
+def _cleanup_after_failure(out_dir, step: int, tmp: Path, rank: int, failures: list[tuple[int, str]],
+                           group=None) -> str:
     """Every rank removes its own files of the failed save, then rank 0 the directory (after a
     barrier: all ranks are here, the agreement said so). Returns the one-line error."""
     for name in (f"rank{rank:05d}.pt", f"rank{rank:05d}.pt.tmp"):
@@ -302,13 +304,13 @@ def _cleanup_after_failure(out_dir, step: int, tmp: Path, rank: int, failures: l
             (tmp / name).unlink(missing_ok=True)
         except OSError:
             pass  # rank 0's rmtree below tries again
-    _barrier()
+    _barrier(group)
     left = ""
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         if tmp.exists():
             left = f"; could not remove the partial {str(tmp)!r}: delete it by hand"
-    _barrier()
+    _barrier(group)
     first_rank, first = failures[0]
     where = f"rank {first_rank}" + (f" (and {len(failures) - 1} more)" if len(failures) > 1 else "")
     latest = latest_checkpoint(out_dir)

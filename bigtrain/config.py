@@ -240,6 +240,8 @@ class TrainConfig:
     """auto: the local GPU if there is one, else the CPU."""
     stop_check_every: int = 10
     """On SIGTERM/SIGUSR1 the ranks agree to stop at logging steps and every N steps (each check is a host sync)."""
+    async_save: bool = False
+    """Write the save_every checkpoints in a background thread while training continues (parallel.engine=ddp only)."""
 
     def validate(self) -> None:
         _positive(self, "steps", "micro_batch_size", "global_batch_size", "seq_len", "stop_check_every")
@@ -338,6 +340,9 @@ class Config:
         if t.global_batch_size % t.micro_batch_size:
             raise ConfigError(f"train.global_batch_size({t.global_batch_size}) is not a multiple of "
                               f"train.micro_batch_size({t.micro_batch_size})")
+        if t.async_save and self.parallel.engine == "deepspeed":
+            raise ConfigError("train.async_save=true needs parallel.engine=ddp: DeepSpeed's own save is a "
+                              "collective of the training ranks and cannot run beside training")
         if self.parallel.sequence_parallel:
             check_sequence(t.seq_len, self.parallel.tp, names=("train.seq_len", "parallel.tp"))
         r = self.recompute

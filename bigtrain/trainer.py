@@ -133,6 +133,7 @@ class Trainer:
         t = self.cfg.train
         can_evaluate = self._announce()
         logger = MetricsLogger(self.cfg, self.out_dir, enabled=self.is_main, start_step=self.step)
+        self.saver = state.AsyncSaver(self.cfg.parallel.timeout_s) if t.async_save else None  # collective
         window = _Window()
         records, stop = [], StopRequest(self.cfg.train.stop_check_every)
         try:
@@ -155,7 +156,7 @@ class Trainer:
                     records.append(record)
                     window.restart()
                 if not last and t.save_every and self.step % t.save_every == 0:
-                    self.save()
+                    self.save(background=True)
                     window.restart(keep=True)  # saving is not training time
                 elif not last and stop.agreed(self.device, self.step, logging):
                     self.save()
@@ -165,7 +166,18 @@ class Trainer:
         finally:
             stop.close()
             logger.close()
+            self._join_saver(quiet=True)  # an exception is on its way: do not replace it
         return records
+
+    def _join_saver(self, quiet: bool = False) -> None:
+        saver, self.saver = getattr(self, "saver", None), None
+        if saver is None:
+            return
+        try:
+            saver.wait()
+        except Exception:  # noqa: BLE001
+            if not quiet:
+                raise
 
     def _announce(self) -> bool:
         """Write config.yaml and print the run's header (rank 0); True if evaluation is possible."""
@@ -203,8 +215,15 @@ class Trainer:
         return self.flops_per_token * tokens_per_s / (self.peak_flops * self.dims.world_size)
 
     # ---------------------------------------------------------------------------------------
-    def save(self):
-        return state.save_state(self.components, self.step, self.train_loader.state_dict())
+    def save(self, background: bool = False):
+        """Checkpoint now (collective). background=True under train.async_save: copy the state
+        and write it while training continues. Every other save (the last, SIGTERM's) waits for
+        the one in flight and writes in the foreground: the run ends right after it."""
+        saver = getattr(self, "saver", None)
+        if saver is not None and not background:
+            self._join_saver()
+            saver = None
+        return state.save_state(self.components, self.step, self.train_loader.state_dict(), saver)
 
 
 class StopRequest:

@@ -8,6 +8,8 @@
    the training tokens of the logged windows after the first, over their wall time.
 2. checkpoint bytes of the same step at dp=1, dp=2 and tp=2 x dp=2: each tensor written once
    means the three agree to within the per-rank RNG state.
+3. (--async-save) wall time of a run that saves every 2 steps, train.async_save false vs true
+   (tokens/s excludes save time by design, so the whole run's seconds are compared).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,6 +86,22 @@ def bytes_bench(data: str, root: Path = ROOT) -> None:
         print(f"{name:8} {b['files']:5d} {b['total']:12d} {b['total'] / base:7.3f}", flush=True)
 
 
+def async_bench(data: str, steps: int, repeats: int, out_root: str | None) -> None:
+    seconds = {False: [], True: []}
+    for _ in range(repeats):
+        for background in (False, True):
+            t0 = time.perf_counter()
+            extra = [f"train.steps={steps}", "train.save_every=2", "log.every=10", "checkpoint.keep_last=2",
+                     f"train.async_save={str(background).lower()}"]
+            if out_root:
+                extra.append(f"train.out_dir={tempfile.mkdtemp(dir=out_root)}/run")
+            train(data, 1, extra, threads=1)
+            seconds[background].append(time.perf_counter() - t0)
+    sync, bg = (statistics.median(seconds[b]) for b in (False, True))
+    print(f"save every 2 of {steps} steps: {sync:.1f} s in the foreground, {bg:.1f} s in the background "
+          f"(ratio {bg / sync:.3f}; process start included)", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", required=True, help="a prepared data directory")
@@ -90,12 +109,16 @@ def main() -> None:
     ap.add_argument("--skip-sync", action="store_true")
     ap.add_argument("--skip-bytes", action="store_true")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--async-save", action="store_true", help="also time train.async_save")
+    ap.add_argument("--out-root", help="where the --async-save runs write (a real disk; default: the temp dir)")
     ap.add_argument("--compare-tree", type=Path, help="another checkout (e.g. the commit before) run alongside")
     a = ap.parse_args()
     trees = {"this": ROOT, **({"other": a.compare_tree.resolve()} if a.compare_tree else {})}
     print(f"load: {os.getloadavg()}")
     if not a.skip_sync:
         sync_bench(a.data, a.steps, a.repeats, trees)
+    if a.async_save:
+        async_bench(a.data, a.steps, a.repeats, a.out_root)
     if not a.skip_bytes:
         for tree, root in trees.items():
             print(f"checkpoint bytes, {tree} tree")

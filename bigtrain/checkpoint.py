@@ -36,7 +36,7 @@ from bigtrain.parallel.layers import full_from_shards, full_shape, shard_of
 from bigtrain.safe_load import load_tensors
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
-RANK_FILE_RE = re.compile(r"^rank\d{5}\.pt$")
+RANK_FILE_RE = re.compile(r"^(rank(\d{5})\.pt|deepspeed/mp_rank_\d{2}_model_states\.pt)$")
 
 
 def checkpoint_root(out_dir: str | Path) -> Path:
@@ -391,18 +391,35 @@ def check_manifest(directory: Path, manifest) -> None:
             and all(isinstance(f, str) and RANK_FILE_RE.match(f) for f in files["model"])):
         raise UserError(f"{where}: field 'tensor_files' is {files!r}, expected {{'model': [one rankNNNNN.pt per tp rank]}}")
     names = {f"rank{r:05d}.pt" for r in range(manifest["world_size"])} | set(files["model"])
-    missing = sorted(int(n[4:9]) for n in names if not (directory / n).is_file())
+    missing = sorted(n for n in names if not (directory / n).is_file())
     if missing:
-        raise UserError(f"{where}: world_size {manifest['world_size']} but no file for rank(s) {missing[:4]} "
-                        f"(rank{missing[0]:05d}.pt); the checkpoint is incomplete")
+        ranks = [int(m.group(2)) for m in map(RANK_FILE_RE.match, missing) if m.group(2)]
+        which = f"no file for rank(s) {ranks[:4]}" if ranks else "missing files"
+        raise UserError(f"{where}: world_size {manifest['world_size']} but {which} "
+                        f"({', '.join(missing[:2])}); the checkpoint is incomplete")
 
 
-def tensor_files(tp: int) -> dict:
+def tensor_files(tp: int, weights_file: str | None = None) -> dict:
     """The manifest's record of which file holds which tensors: tp rank i's model shards and
     bigtrain's optimizer state (DDP) are in model[i], written by data-parallel rank 0 of that
-    TP group, which is global rank i. Every rank's own file holds its RNG state."""
+    TP group, which is global rank i. Every rank's own file holds its RNG state (and the shard
+    metadata). With `weights_file` (DeepSpeed ZeRO-1/2, which writes the weights itself) model[i]
+    is that file, its tensors under model_key, and the optimizer is DeepSpeed's."""
     names = [f"rank{r:05d}.pt" for r in range(tp)]
-    return {"model": names, "optim": names}
+    if weights_file is None:
+        return {"model": names, "optim": names}
+    return {"model": [weights_file.format(tp_rank=r) for r in range(tp)], "model_key": "module", "optim": "deepspeed"}
+
+
+def model_shards(ckpt: str | Path, manifest: dict, mmap: bool = False) -> list[dict]:
+    """TP ranks 0..tp-1's {name: tensor} model shards, from the files the manifest names."""
+    files = manifest.get("tensor_files", {})
+    key = files.get("model_key")
+    if key is None:
+        return [load_tensors(Path(ckpt) / name, mmap=mmap)["model"] for name in _shard_file_names(manifest)]
+    from bigtrain.safe_load import deepspeed_allowed  # imports deepspeed: only for its checkpoints
+
+    return [load_tensors(Path(ckpt) / name, deepspeed_allowed())[key] for name in files["model"]]
 
 
 def check_resumable(directory: Path, manifest: dict) -> None:
@@ -508,6 +525,6 @@ def part_of(pieces: list[torch.Tensor], info: dict, shard) -> torch.Tensor:
 
 def full_model_state(path: str | Path, manifest: dict) -> dict:
     """The full model state of a checkpoint, whatever its layout: TP ranks sit next to each other,
-    so ranks 0..tp-1 (data-parallel rank 0) hold one complete copy between them."""
-    states = [read_rank_file(path, r) for r in range(manifest["tp"])]
-    return full_tensors([s["model"] for s in states], states[0]["shards"])
+    so ranks 0..tp-1 (data-parallel rank 0) hold one complete copy between them (in the files
+    tensor_files names: DeepSpeed's own under ZeRO-1/2)."""
+    return full_tensors(model_shards(path, manifest), read_rank_file(path, 0)["shards"])

@@ -40,6 +40,10 @@ class Engine(abc.ABC):
     """What forward calls: the DDP / DeepSpeed wrapper, or the module itself."""
     loads_module_weights: bool = False
     """True when load(directory) restores the module's weights itself (else the caller does)."""
+    module_weights_file: str | None = None
+    """Where save() writes TP rank {tp_rank}'s full module weights itself, relative to the checkpoint
+    directory (a format string), under the state-dict key "module"; None when it does not (the
+    rank files then hold them)."""
 
     def accumulate(self, last: bool):
         """Context around one micro-batch's forward and backward; gradients are synchronised
@@ -179,6 +183,8 @@ class DeepSpeedEngine(Engine):
         # DeepSpeed's checkpoint engine loads with weights_only=False: a hostile file in a run
         # directory would run code on resume. Ours loads with weights_only=True (same file format).
         self.model.checkpoint_engine = deepspeed_checkpoint_engine(self.model._config)
+        if self.zero_stage < 3:  # (ZeRO-3's model-states files hold partitions, not the weights)
+            self.module_weights_file = f"{self.TAG}/mp_rank_{{tp_rank:02d}}_model_states.pt"
 
     def set_lr(self, lr: float) -> None:
         set_lr(self.optimizer, lr)

@@ -69,8 +69,10 @@ def save_state(c, step: int, data_state: dict, saver: "AsyncSaver | None" = None
     position in the manifest; rank 0 publishes the directory. With `saver`, what is saved is
     copied now and written in its background thread (returns at once)."""
     holds_shards = c.dims.dp_rank == 0
+    weights_file = c.engine.module_weights_file  # DeepSpeed writes the weights itself: not twice
     with c.engine.full_parameters():  # collective under ZeRO-3: every rank enters it
-        model = {n: p.detach().cpu().clone() for n, p in c.module.named_parameters()} if holds_shards else None
+        model = {n: p.detach().cpu().clone() for n, p in c.module.named_parameters()} \
+            if holds_shards and weights_file is None else None
     rank_state = {
         "shards": ckpt.shard_meta(c.module),
         "rng": ckpt.rng_state(),
@@ -79,10 +81,12 @@ def save_state(c, step: int, data_state: dict, saver: "AsyncSaver | None" = None
     }
     if holds_shards:
         engine_state = c.engine.state_dict()  # the optimizer's live tensors: the next step changes them
-        rank_state.update(model=model, **(_copied(engine_state) if saver is not None else engine_state))
+        rank_state.update(**(_copied(engine_state) if saver is not None else engine_state))
+        if model is not None:
+            rank_state["model"] = model
     cfg = c.job.cfg
     manifest = {"config": to_dict(cfg), "data": data_state, "engine": cfg.parallel.engine,
-                "tensor_files": ckpt.tensor_files(c.dims.tp)}
+                "tensor_files": ckpt.tensor_files(c.dims.tp, weights_file)}
     final = ckpt.checkpoint_root(cfg.train.out_dir) / f"step_{step:08d}"
     if saver is not None:
         saver.submit(lambda group: ckpt.save_checkpoint(cfg.train.out_dir, step, rank_state, manifest, c.dims,

@@ -119,3 +119,18 @@ def test_reshard_maps_the_files(runs, monkeypatch):
     Trainer(load_config("configs/debug.yaml", [*one, f"train.out_dir={out.parent / 'mapped'}",
                                                f"train.resume={ckpt.checkpoint_root(out) / 'step_00000003'}"]))
     assert ("rank00000.pt", True) in seen and ("rank00001.pt", True) in seen
+
+
+def test_deepspeed_weights_are_written_once(tiny_data, tmp_path):
+    """ZeRO-2 writes the module weights in its own model-states file: bigtrain's rank files hold
+    only RNG state and shard metadata, and the manifest points at DeepSpeed's file."""
+    out = tmp_path / "run"
+    run_ranks(train, 2, base(tiny_data, out, "parallel.dp=2", "parallel.engine=deepspeed", "parallel.zero_stage=2",
+                             "train.steps=2", "train.save_every=2"), timeout=300)
+    step = ckpt.latest_checkpoint(out)
+    manifest = ckpt.read_manifest(step)
+    assert manifest["tensor_files"]["model"] == ["deepspeed/mp_rank_00_model_states.pt"]
+    for rank in range(2):
+        assert "model" not in ckpt.read_rank_file(step, rank)
+    full = ckpt.full_model_state(step, manifest)
+    assert set(full) == set(ckpt.read_rank_file(step, 0)["shards"])

@@ -2,8 +2,11 @@
 
 Layout of a run directory:
 
-    checkpoints/step_00000100/manifest.json    written last by rank 0: step, layout, config
-    checkpoints/step_00000100/rank00000.pt     this rank's model/optimizer shards, RNG, data position
+    checkpoints/step_00000100/manifest.json    written last by rank 0: step, layout, config, data
+                                               position, which file holds which tensors
+    checkpoints/step_00000100/rank00000.pt     this rank's RNG state; for data-parallel rank 0
+                                               (ranks 0..tp-1) also its TP rank's model and
+                                               optimizer shards, written once, not once per replica
 
 Every rank writes into `checkpoints/.tmp_step_XXXXXXXX/` (each file to a temporary name, fsynced
 and renamed), then rank 0 writes the manifest and renames the whole directory into place. A rename
@@ -29,10 +32,11 @@ import torch
 from torch import nn
 
 from bigtrain.errors import UserError
-from bigtrain.parallel.layers import full_from_shards, full_shape, my_slice, shard_of
+from bigtrain.parallel.layers import full_from_shards, full_shape, shard_of
 from bigtrain.safe_load import load_tensors
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
+RANK_FILE_RE = re.compile(r"^(rank(\d{5})\.pt|deepspeed/mp_rank_\d{2}_model_states\.pt)$")
 
 
 def checkpoint_root(out_dir: str | Path) -> Path:
@@ -128,9 +132,9 @@ def load_optimizer_state_by_name(optimizer: torch.optim.Optimizer, model: nn.Mod
 # Save
 
 
-def _barrier() -> None:
+def _barrier(group=None) -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
+        torch.distributed.barrier(group=group)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -141,13 +145,43 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class _RecordingWriter:
+    """A file wrapper that keeps the OSError of a failed write: torch.save reports a full disk
+    as a cryptic RuntimeError ("unexpected pos 704 vs 598"), this keeps the real cause."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, b):
+        try:
+            return self.f.write(b)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        self.f.flush()
+
+
 def write_file(path: Path, obj) -> None:
-    """torch.save to a temporary name, fsync, rename: the file is either old, new, or absent."""
+    """torch.save to a temporary name, fsync, rename: the file is either old, new, or absent.
+    A failed write raises the OSError that caused it (ENOSPC, EIO, ...)."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            w = _RecordingWriter(f)
+            try:
+                torch.save(obj, w)
+            except RuntimeError:
+                if w.error is not None:
+                    raise w.error from None
+                raise
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        if e.filename is None:  # a failed write() names no file: name it for the user
+            e.filename = str(tmp)
+        raise
     os.replace(tmp, path)
 
 
@@ -161,41 +195,128 @@ def write_json(path: Path, obj) -> None:
 
 
 def save_checkpoint(out_dir: str | Path, step: int, rank_state: dict, manifest: dict, dims, keep_last: int,
-                    write_extra=None) -> Path:
+                    write_extra=None, group=None) -> Path:
     """Write this rank's state; rank 0 adds the manifest and publishes the directory.
 
-    Collective: every rank of the job calls it (barriers keep the phases in order).
-    `write_extra(directory)`, when given, is called on every rank to add engine files (DeepSpeed).
+    Collective: every rank of the job calls it. After each phase the ranks agree on its
+    success with one small all-reduce (not a barrier: a rank that failed to write must not
+    leave the others waiting), so a failure anywhere -- a full disk, EIO, a read-only mount --
+    makes every rank remove the partial directory and raise the same one-line UserError, with
+    the previous checkpoints untouched. `write_extra(directory)`, when given, is called on every
+    rank to add engine files (DeepSpeed; a failure inside DeepSpeed's own collectives is
+    DeepSpeed's: it ends at parallel.timeout_s at worst). `group`: the process group of those
+    agreements (a background save has its own, so that they never interleave with training's).
     """
     root = checkpoint_root(out_dir)
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp_step_{step:08d}"
+    phases = [
+        lambda: _prepare(root, tmp) if dims.rank == 0 else None,
+        lambda: write_file(tmp / f"rank{dims.rank:05d}.pt", rank_state),
+        lambda: write_extra(tmp) if write_extra is not None else None,
+        lambda: _publish(root, tmp, final, {**manifest, "step": step, "world_size": dims.world_size,
+                                             "tp": dims.tp, "dp": dims.dp, "complete": True})
+        if dims.rank == 0 else None,
+    ]
+    for phase in phases:
+        error = _attempt(phase)
+        failures = agree_on_failure(error, group)
+        if failures:
+            message = _cleanup_after_failure(out_dir, step, tmp, dims.rank, failures, group)
+            if error is not None and not isinstance(error, OSError):
+                raise error  # a bug, not the disk: keep its traceback (the peers report it in one line)
+            raise UserError(message) from None
     if dims.rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():  # left by a run that died while saving this step
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    _barrier()
-    if write_extra is not None:
-        write_extra(tmp)
-    write_file(tmp / f"rank{dims.rank:05d}.pt", rank_state)
-    _barrier()
-    if dims.rank == 0:
-        write_json(tmp / "manifest.json", {**manifest, "step": step, "world_size": dims.world_size,
-                                           "tp": dims.tp, "dp": dims.dp, "complete": True})
-        _fsync_dir(tmp)
-        if final.exists():  # the same step saved again (e.g. end of a resumed run): replace it
-            old = root / f".old_step_{step:08d}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(root)
-        prune(out_dir, keep_last)
-    _barrier()
+        prune(out_dir, keep_last)  # never fails: ignore_errors
     return final
+
+
+def _prepare(root: Path, tmp: Path) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    # Partial directories of saves killed mid-way (SIGKILL leaves no chance to clean up): never
+    # a checkpoint, and on a full disk the space the next save needs.
+    for stale in root.glob(".tmp_step_*"):
+        shutil.rmtree(stale)
+    tmp.mkdir()
+
+
+def _publish(root: Path, tmp: Path, final: Path, manifest: dict) -> None:
+    """Rank 0: the manifest last, then one atomic rename makes the checkpoint visible."""
+    write_json(tmp / "manifest.json", manifest)
+    _fsync_dir(tmp)
+    if final.exists():  # the same step saved again (e.g. end of a resumed run): replace it
+        old = root / f".old_step_{final.name[5:]}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            os.replace(old, final)  # put the complete previous one back
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(root)
+
+
+def _attempt(phase) -> BaseException | None:
+    """Run one phase of a save; its exception (returned, not raised, so that every rank still
+    reaches the agreement) or None."""
+    try:
+        phase()
+    except Exception as e:  # noqa: BLE001 - reported to every rank below
+        return e
+    return None
+
+
+def agree_on_failure(error: BaseException | None, group=None) -> list[tuple[int, str]]:
+    """Collective: (rank, message) of every rank whose `error` is set, the same list on every
+    rank. One 1-element all-reduce when all succeeded (on the GPU under NCCL, which cannot
+    reduce CPU tensors); the messages travel only after a failure."""
+    message = None if error is None else _describe(error)
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [] if message is None else [(0, message)]
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend(group) == "nccl" \
+        else torch.device("cpu")
+    flag = torch.tensor([float(message is not None)], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group)
+    if flag.item() == 0:
+        return []
+    messages = [None] * torch.distributed.get_world_size(group)
+    torch.distributed.all_gather_object(messages, message, group=group)
+    return [(r, m) for r, m in enumerate(messages) if m is not None]
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        where = f" ({e.filename})" if e.filename else ""
+        return f"{e.strerror}{where}"
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+def _cleanup_after_failure(out_dir, step: int, tmp: Path, rank: int, failures: list[tuple[int, str]],
+                           group=None) -> str:
+    """Every rank removes its own files of the failed save, then rank 0 the directory (after a
+    barrier: all ranks are here, the agreement said so). Returns the one-line error."""
+    for name in (f"rank{rank:05d}.pt", f"rank{rank:05d}.pt.tmp"):
+        try:
+            (tmp / name).unlink(missing_ok=True)
+        except OSError:
+            pass  # rank 0's rmtree below tries again
+    _barrier(group)
+    left = ""
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp.exists():
+            left = f"; could not remove the partial {str(tmp)!r}: delete it by hand"
+    _barrier(group)
+    first_rank, first = failures[0]
+    where = f"rank {first_rank}" + (f" (and {len(failures) - 1} more)" if len(failures) > 1 else "")
+    latest = latest_checkpoint(out_dir)
+    kept = (f"the newest complete checkpoint is still {latest.name} (train.resume=auto continues from it)"
+            if latest is not None else "there is no earlier checkpoint")
+    return f"could not save the checkpoint of step {step}: {where}: {first}; the partial checkpoint was removed{left}, {kept}"
 
 
 def prune(out_dir: str | Path, keep_last: int) -> None:
@@ -236,9 +357,81 @@ def read_manifest(ckpt: str | Path) -> dict:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"checkpoint manifest {str(path)!r} is corrupt: {e}") from None
-    if not isinstance(manifest, dict):
-        raise UserError(f"checkpoint manifest {str(path)!r} is corrupt: a {type(manifest).__name__}, not an object")
+    check_manifest(Path(ckpt), manifest)
     return manifest
+
+
+# field -> the JSON types it may have (bool is an int to Python: refused separately below)
+_MANIFEST_FIELDS = {"step": int, "world_size": int, "tp": int, "dp": int, "config": dict}
+
+
+def check_manifest(directory: Path, manifest) -> None:
+    """Refuse, in one line, a manifest that disagrees with itself or with its directory: a
+    missing or mistyped field, tp * dp != world_size, a step that is not the directory's, or a
+    rank file missing for its world_size -- before any rank reads a tensor."""
+    where = f"checkpoint manifest {str(directory / 'manifest.json')!r}"
+    if not isinstance(manifest, dict):
+        raise UserError(f"{where} is not a JSON object")
+    for key, typ in _MANIFEST_FIELDS.items():
+        value = manifest.get(key)
+        if not isinstance(value, typ) or isinstance(value, bool):
+            raise UserError(f"{where}: field {key!r} is {value!r}, expected {'an integer' if typ is int else 'an object'}")
+    if not isinstance(manifest["config"].get("model"), dict):
+        raise UserError(f"{where}: field 'config' has no 'model' section")
+    if manifest["step"] < 0 or min(manifest["world_size"], manifest["tp"], manifest["dp"]) < 1:
+        raise UserError(f"{where}: step must be >= 0 and world_size, tp, dp >= 1 (step {manifest['step']}, "
+                        f"world_size {manifest['world_size']}, tp {manifest['tp']}, dp {manifest['dp']})")
+    if manifest["tp"] * manifest["dp"] != manifest["world_size"]:
+        raise UserError(f"{where}: tp({manifest['tp']}) * dp({manifest['dp']}) != world_size({manifest['world_size']})")
+    m = STEP_RE.match(directory.name)
+    if m and int(m.group(1)) != manifest["step"]:
+        raise UserError(f"{where}: step {manifest['step']} does not match the directory {directory.name}")
+    files = manifest.get("tensor_files", {"model": [f"rank{r:05d}.pt" for r in range(manifest["tp"])]})
+    if not (isinstance(files, dict) and isinstance(files.get("model"), list) and len(files["model"]) == manifest["tp"]
+            and all(isinstance(f, str) and RANK_FILE_RE.match(f) for f in files["model"])):
+        raise UserError(f"{where}: field 'tensor_files' is {files!r}, expected {{'model': [one rankNNNNN.pt per tp rank]}}")
+    names = {f"rank{r:05d}.pt" for r in range(manifest["world_size"])} | set(files["model"])
+    missing = sorted(n for n in names if not (directory / n).is_file())
+    if missing:
+        ranks = [int(m.group(2)) for m in map(RANK_FILE_RE.match, missing) if m.group(2)]
+        which = f"no file for rank(s) {ranks[:4]}" if ranks else "missing files"
+        raise UserError(f"{where}: world_size {manifest['world_size']} but {which} "
+                        f"({', '.join(missing[:2])}); the checkpoint is incomplete")
+
+
+def tensor_files(tp: int, weights_file: str | None = None) -> dict:
+    """The manifest's record of which file holds which tensors: tp rank i's model shards and
+    bigtrain's optimizer state (DDP) are in model[i], written by data-parallel rank 0 of that
+    TP group, which is global rank i. Every rank's own file holds its RNG state (and the shard
+    metadata). With `weights_file` (DeepSpeed ZeRO-1/2, which writes the weights itself) model[i]
+    is that file, its tensors under model_key, and the optimizer is DeepSpeed's."""
+    names = [f"rank{r:05d}.pt" for r in range(tp)]
+    if weights_file is None:
+        return {"model": names, "optim": names}
+    return {"model": [weights_file.format(tp_rank=r) for r in range(tp)], "model_key": "module", "optim": "deepspeed"}
+
+
+def model_shards(ckpt: str | Path, manifest: dict, mmap: bool = False) -> list[dict]:
+    """TP ranks 0..tp-1's {name: tensor} model shards, from the files the manifest names."""
+    files = manifest.get("tensor_files", {})
+    key = files.get("model_key")
+    if key is None:
+        return [load_tensors(Path(ckpt) / name, mmap=mmap)["model"] for name in _shard_file_names(manifest)]
+    from bigtrain.safe_load import deepspeed_allowed  # imports deepspeed: only for its checkpoints
+
+    return [load_tensors(Path(ckpt) / name, deepspeed_allowed())[key] for name in files["model"]]
+
+
+def check_resumable(directory: Path, manifest: dict) -> None:
+    """What a resume needs beyond the weights (export-hf and sample need only those)."""
+    if not isinstance(manifest.get("data"), dict):
+        raise UserError(f"checkpoint manifest {str(Path(directory) / 'manifest.json')!r}: field 'data' (the data "
+                        f"position) is {manifest.get('data')!r}, expected an object; it cannot be resumed")
+
+
+def read_shard_file(ckpt: str | Path, manifest: dict, tp_rank: int) -> dict:
+    """The file holding tp rank `tp_rank`'s model and optimizer shards."""
+    return load_tensors(Path(ckpt) / manifest["tensor_files"]["model"][tp_rank])
 
 
 def read_rank_file(ckpt: str | Path, rank: int) -> dict:
@@ -281,30 +474,57 @@ def full_tensors(shards: list[dict], meta: dict) -> dict:
 
 def reshard(path: str | Path, manifest: dict, module: nn.Module) -> tuple[dict, dict]:
     """(model state, optimizer state by name) for this rank of `module`'s layout, from a checkpoint
-    written at another tp/dp layout: rebuild every full tensor from the saved TP group of
-    data-parallel rank 0, then cut this rank's slice with the parameter's own Shard."""
-    states = [read_rank_file(path, r) for r in range(manifest["tp"])]
+    written at another tp/dp layout, read from the saved TP group of data-parallel rank 0.
+
+    Bounded: the files are memory-mapped (torch.load(mmap=True, weights_only=True)) and each
+    tensor is cut straight from the saved pieces (`part_of`), so a rank reads only the rows of
+    its own slices and never holds a full tensor it does not keep."""
+    states = [load_tensors(Path(path) / name, mmap=True) for name in _shard_file_names(manifest)]
     meta = states[0]["shards"]
     params = dict(module.named_parameters())
 
-    def mine(name: str, full: torch.Tensor) -> torch.Tensor:
-        return my_slice(params[name], full) if name in params else full
+    def mine(name: str, pieces: list[torch.Tensor]) -> torch.Tensor:
+        return part_of(pieces, meta[name], shard_of(params[name]) if name in params else None)
 
-    model = {n: mine(n, t) for n, t in full_tensors([s["model"] for s in states], meta).items()}
+    model = {n: mine(n, [s["model"][n] for s in states]) for n in meta}
     optim = {"groups": states[0]["optim"]["groups"], "state": {}}
     for name, entry in states[0]["optim"]["state"].items():
         optim["state"][name] = {}
         for key, value in entry.items():
             if torch.is_tensor(value) and value.ndim > 0 and name in meta:  # exp_avg, exp_avg_sq: like the param
-                full = unshard([s["optim"]["state"][name][key] for s in states], meta[name])
-                optim["state"][name][key] = mine(name, full)
+                optim["state"][name][key] = mine(name, [s["optim"]["state"][name][key] for s in states])
             else:  # the step counter: the same on every rank
-                optim["state"][name][key] = value
+                optim["state"][name][key] = value.clone() if torch.is_tensor(value) else value
     return model, optim
+
+
+def _shard_file_names(manifest: dict) -> list[str]:
+    """The files holding TP ranks 0..tp-1's tensors (ranks 0..tp-1 before tensor_files existed)."""
+    return manifest.get("tensor_files", {}).get("model") or [f"rank{r:05d}.pt" for r in range(manifest["tp"])]
+
+
+def part_of(pieces: list[torch.Tensor], info: dict, shard) -> torch.Tensor:
+    """`shard(unshard(pieces, info))` -- this rank's slice of a tensor saved as TP pieces -- as a
+    new tensor, without building the full one: only the saved rows inside the slice are read
+    (from memory-mapped pieces, only their pages). Bitwise the same: both only copy."""
+    dim = info["shard_dim"]
+    if shard is None or dim is None or shard.dim != dim:  # a replicated side: the full tensor is the part
+        full = unshard(pieces, info)
+        return (shard(full) if shard is not None else full).clone()
+    rows = pieces[0].shape[dim]  # per saved piece; the last ones may end in vocab padding
+    lo, hi = shard.start, min(shard.start + shard.size, info["full_shape"][dim])  # rows past full_shape: padding
+    shape = list(pieces[0].shape)
+    shape[dim] = shard.size
+    out = pieces[0].new_zeros(shape)
+    for i, piece in enumerate(pieces):
+        a, b = max(lo, i * rows), min(hi, (i + 1) * rows)
+        if a < b:
+            out.narrow(dim, a - lo, b - a).copy_(piece.narrow(dim, a - i * rows, b - a))
+    return out
 
 
 def full_model_state(path: str | Path, manifest: dict) -> dict:
     """The full model state of a checkpoint, whatever its layout: TP ranks sit next to each other,
-    so ranks 0..tp-1 (data-parallel rank 0) hold one complete copy between them."""
-    states = [read_rank_file(path, r) for r in range(manifest["tp"])]
-    return full_tensors([s["model"] for s in states], states[0]["shards"])
+    so ranks 0..tp-1 (data-parallel rank 0) hold one complete copy between them (in the files
+    tensor_files names: DeepSpeed's own under ZeRO-1/2)."""
+    return full_tensors(model_shards(path, manifest), read_rank_file(path, 0)["shards"])

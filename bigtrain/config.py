@@ -267,9 +267,13 @@ class TrainConfig:
     """Compute precision: auto is bf16 autocast on CUDA and fp32 on CPU."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto: the local GPU if there is one, else the CPU."""
+    stop_check_every: int = 10
+    """On SIGTERM/SIGUSR1 the ranks agree to stop at logging steps and every N steps (each check is a host sync)."""
+    async_save: bool = False
+    """Write the save_every checkpoints in a background thread while training continues (parallel.engine=ddp only)."""
 
     def validate(self) -> None:
-        _positive(self, "steps", "micro_batch_size", "global_batch_size", "seq_len")
+        _positive(self, "steps", "micro_batch_size", "global_batch_size", "seq_len", "stop_check_every")
         _nonnegative(self, "save_every", "eval_every")
         if not 0 <= self.seed < SEED_LIMIT:  # torch.manual_seed takes < 2**64, and the "tp" stream adds an offset
             raise ConfigError(f"train.seed={self.seed} must be in [0, 2**63)")
@@ -365,6 +369,9 @@ class Config:
         if t.global_batch_size % t.micro_batch_size:
             raise ConfigError(f"train.global_batch_size({t.global_batch_size}) is not a multiple of "
                               f"train.micro_batch_size({t.micro_batch_size})")
+        if t.async_save and self.parallel.engine == "deepspeed":
+            raise ConfigError("train.async_save=true needs parallel.engine=ddp: DeepSpeed's own save is a "
+                              "collective of the training ranks and cannot run beside training")
         if self.parallel.sequence_parallel:
             check_sequence(t.seq_len, self.parallel.tp, names=("train.seq_len", "parallel.tp"))
         r = self.recompute

@@ -41,6 +41,10 @@ class Engine(abc.ABC):
     """What forward calls: the DDP / DeepSpeed wrapper, or the module itself."""
     loads_module_weights: bool = False
     """True when load(directory) restores the module's weights itself (else the caller does)."""
+    module_weights_file: str | None = None
+    """Where save() writes TP rank {tp_rank}'s full module weights itself, relative to the checkpoint
+    directory (a format string), under the state-dict key "module"; None when it does not (the
+    rank files then hold them)."""
 
     def accumulate(self, last: bool):
         """Context around one micro-batch's forward and backward; gradients are synchronised
@@ -56,9 +60,10 @@ class Engine(abc.ABC):
         """Add this micro-batch's gradients (of loss / accumulation steps). Never updates weights."""
 
     @abc.abstractmethod
-    def step(self) -> float:
+    def step(self) -> torch.Tensor | float | None:
         """Apply the accumulated gradients: synchronise, clip, update, zero them. Returns the
-        global gradient norm before clipping."""
+        global gradient norm before clipping, unread (a device tensor where the engine has one:
+        reading it is a host sync, which the trainer does only at logging steps)."""
 
     def state_dict(self) -> dict:
         """Engine state that travels in this rank's checkpoint file."""
@@ -106,7 +111,7 @@ class TorchEngine(Engine):
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.accum_steps).backward()
 
-    def step(self) -> float:
+    def step(self) -> torch.Tensor:
         sync_sequence_parallel_grads(self.module, self.dims)
         if self.grad_clip > 0:
             norm = clip_grad_norm(self.module, self.grad_clip, self.dims)
@@ -114,7 +119,7 @@ class TorchEngine(Engine):
             norm = grad_norm(self.module, self.dims)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm.detach()
 
     def state_dict(self) -> dict:
         return {"optim": ckpt.optimizer_state_by_name(self.optimizer, self.module)}
@@ -182,6 +187,8 @@ class DeepSpeedEngine(Engine):
         # DeepSpeed's checkpoint engine loads with weights_only=False: a hostile file in a run
         # directory would run code on resume. Ours loads with weights_only=True (same file format).
         self.model.checkpoint_engine = deepspeed_checkpoint_engine(self.model._config)
+        if self.zero_stage < 3:  # (ZeRO-3's model-states files hold partitions, not the weights)
+            self.module_weights_file = f"{self.TAG}/mp_rank_{{tp_rank:02d}}_model_states.pt"
 
     def set_lr(self, lr: float) -> None:
         set_lr(self.optimizer, lr)
@@ -194,10 +201,9 @@ class DeepSpeedEngine(Engine):
         if not self.model.is_gradient_accumulation_boundary():
             self.model.step()
 
-    def step(self) -> float:
+    def step(self) -> torch.Tensor | float | None:
         self.model.step()
-        norm = self.model.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        return self.model.get_global_grad_norm()  # read by the trainer at logging steps
 
     def full_parameters(self):
         """ZeRO-3 keeps 1/dp of each parameter between steps: gather them (read-only) for the

@@ -27,12 +27,13 @@ def _first_line(e: Exception) -> str:
     return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
-def load_tensors(path: str | Path, allowed: tuple = (), map_location="cpu"):
+def load_tensors(path: str | Path, allowed: tuple = (), map_location="cpu", mmap: bool = False):
     """torch.load with weights_only=True and at most the classes in `allowed`; a refused or
-    unreadable file is a one-line UserError naming it."""
+    unreadable file is a one-line UserError naming it. mmap=True maps the tensors' bytes
+    instead of reading them: only what is then touched is read."""
     try:
         with torch.serialization.safe_globals(list(allowed)):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - unsafe pickle, truncated zip, not a torch file...
         raise UserError(f"refusing {str(path)!r}: it is corrupt or holds more than tensors and plain data "
                         f"({_first_line(e)})") from None

@@ -11,7 +11,12 @@ bigtrain.build.Components: it is not imported here, since build imports this mod
 
 from __future__ import annotations
 
+import threading
+from datetime import timedelta
 from pathlib import Path
+
+import torch
+import torch.distributed as dist
 
 from bigtrain import checkpoint as ckpt
 from bigtrain.config import Config, to_dict
@@ -57,23 +62,86 @@ def load_weights_only(module, job: Job, path: Path, announce: bool) -> None:
         print(f"initialised from the weights of {path} (weights only: fresh optimizer, step 0)", flush=True)
 
 
-def save_state(c, step: int, data_state: dict) -> Path:
-    """Checkpoint the job at `step` (collective): this rank's model shards, engine state, RNG
-    and the data position; rank 0 publishes the directory."""
-    with c.engine.full_parameters():
-        model = {n: p.detach().cpu().clone() for n, p in c.module.named_parameters()}
+def save_state(c, step: int, data_state: dict, saver: "AsyncSaver | None" = None) -> Path:
+    """Checkpoint the job at `step` (collective): RNG state in every rank's file; the model
+    shards and bigtrain's optimizer state once per TP rank, in the file of its data-parallel
+    rank 0 (the DP replicas hold the same bytes: DDP's update is identical on each); the data
+    position in the manifest; rank 0 publishes the directory. With `saver`, what is saved is
+    copied now and written in its background thread (returns at once)."""
+    holds_shards = c.dims.dp_rank == 0
+    weights_file = c.engine.module_weights_file  # DeepSpeed writes the weights itself: not twice
+    with c.engine.full_parameters():  # collective under ZeRO-3: every rank enters it
+        model = {n: p.detach().cpu().clone() for n, p in c.module.named_parameters()} \
+            if holds_shards and weights_file is None else None
     rank_state = {
-        "model": model,
-        **c.engine.state_dict(),
         "shards": ckpt.shard_meta(c.module),
         "rng": ckpt.rng_state(),
         "rng_tracker": c.rng.get_states(),  # the "tp" dropout stream of this TP rank
         "step": step,
     }
+    if holds_shards:
+        engine_state = c.engine.state_dict()  # the optimizer's live tensors: the next step changes them
+        rank_state.update(**(_copied(engine_state) if saver is not None else engine_state))
+        if model is not None:
+            rank_state["model"] = model
     cfg = c.job.cfg
-    manifest = {"config": to_dict(cfg), "data": data_state, "engine": cfg.parallel.engine}
+    manifest = {"config": to_dict(cfg), "data": data_state, "engine": cfg.parallel.engine,
+                "tensor_files": ckpt.tensor_files(c.dims.tp, weights_file)}
+    final = ckpt.checkpoint_root(cfg.train.out_dir) / f"step_{step:08d}"
+    if saver is not None:
+        saver.submit(lambda group: ckpt.save_checkpoint(cfg.train.out_dir, step, rank_state, manifest, c.dims,
+                                                         cfg.checkpoint.keep_last, group=group))
+        return final
     return ckpt.save_checkpoint(cfg.train.out_dir, step, rank_state, manifest, c.dims,
                                 cfg.checkpoint.keep_last, write_extra=c.engine.save)
+
+
+def _copied(obj):
+    """A copy of nested dicts/lists whose tensors are cloned to the CPU (a snapshot)."""
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _copied(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_copied(v) for v in obj)
+    return obj
+
+
+class AsyncSaver:
+    """train.async_save: one checkpoint in flight at a time, written by a background thread
+    while training continues. The save's agreements run over a gloo group of their own, so they
+    never interleave with training's collectives (and need no GPU stream); the atomic rename is
+    unchanged, so a step_* directory is complete or absent as before. A failed background save
+    raises its one-line error at wait(): the next save or the end of training, the same point on
+    every rank. Creating it is collective."""
+
+    def __init__(self, timeout_s: float):
+        self.group = None
+        if dist.is_available() and dist.is_initialized():
+            self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, write) -> None:
+        """Wait for the previous save, then run write(group) in the background."""
+        self.wait()
+
+        def run():
+            try:
+                write(self.group)
+            except BaseException as e:  # noqa: BLE001 - re-raised by wait() on the training thread
+                self._error = e
+
+        self._thread = threading.Thread(target=run, name="bigtrain-save", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 def restore_state(c, path: Path) -> int:
@@ -81,6 +149,7 @@ def restore_state(c, path: Path) -> int:
     step. At another tp/dp layout (DDP only) the model and optimizer are resharded."""
     cfg, dims = c.job.cfg, c.dims
     manifest = ckpt.read_manifest(path)
+    ckpt.check_resumable(path, manifest)
     check_same_model(manifest["config"]["model"], to_dict(cfg)["model"], path)
     if manifest.get("engine", "ddp") != cfg.parallel.engine:
         raise UserError(f"checkpoint {str(path)!r} was written with parallel.engine={manifest.get('engine')}; "
@@ -88,8 +157,12 @@ def restore_state(c, path: Path) -> int:
     same_layout = (manifest["tp"], manifest["dp"]) == (dims.tp, dims.dp)
     if same_layout:
         saved = ckpt.read_rank_file(path, dims.rank)
-        model_state, rng = saved["model"], saved["rng"]
-        c.engine.load_state_dict(saved)
+        if "model" in saved or c.engine.loads_module_weights:  # (DeepSpeed reads its own files)
+            shards = saved
+        else:  # a data-parallel replica: its TP rank's shards are in dp rank 0's file
+            shards = ckpt.read_shard_file(path, manifest, dims.tp_rank)
+        model_state, rng = shards.get("model"), saved["rng"]
+        c.engine.load_state_dict(shards)
         if "rng_tracker" in saved:
             c.rng.set_states(saved["rng_tracker"])
     elif cfg.parallel.engine == "deepspeed":

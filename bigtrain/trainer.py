@@ -58,7 +58,10 @@ class Trainer:
         return cross_entropy(logits, y, group=self.dims.tp_group, vocab_size=self.cfg.model.vocab_size)
 
     def train_step(self) -> dict:
-        """One optimizer step over global_batch_size sequences; returns this step's metrics."""
+        """One optimizer step over global_batch_size sequences; returns this step's metrics.
+        "loss" (this rank's mean over its micro-batches) and "grad_norm" stay device tensors:
+        reading them would block the host on the device every step, so the trainer reduces
+        and reads them only at logging steps (`Losses.read`)."""
         self.model.train()
         lr = lr_at(self.step, self.cfg.optim, self.cfg.train.steps)
         self.engine.set_lr(lr)
@@ -80,7 +83,7 @@ class Trainer:
             loss_sum += loss.detach()
         grad_norm = self.engine.step()
         self.step += 1
-        m = {"loss": self._dp_mean(loss_sum / accum), "lr": lr, "grad_norm": grad_norm}
+        m = {"loss": loss_sum / accum, "lr": lr, "grad_norm": grad_norm}
         if report is not None:
             m["activation_report"] = report
         return m
@@ -115,19 +118,24 @@ class Trainer:
         return None
 
     def _dp_mean(self, value: torch.Tensor) -> float:
-        value = value.detach().float().clone()
+        return self._dp_means(value.reshape(1))[0]
+
+    def _dp_means(self, values: torch.Tensor) -> list[float]:
+        """Each element's mean over data-parallel ranks (one all-reduce for all of them)."""
+        values = values.detach().float().clone()
         if self.dims.dp_group is not None:
-            dist.all_reduce(value, group=self.dims.dp_group)
-            value /= self.dims.dp
-        return float(value)
+            dist.all_reduce(values, group=self.dims.dp_group)
+            values /= self.dims.dp
+        return values.tolist()
 
     # ---------------------------------------------------------------------------------------
     def train(self) -> list[dict]:
         t = self.cfg.train
         can_evaluate = self._announce()
         logger = MetricsLogger(self.cfg, self.out_dir, enabled=self.is_main, start_step=self.step)
+        self.saver = state.AsyncSaver(self.cfg.parallel.timeout_s) if t.async_save else None  # collective
         window = _Window()
-        records, stop = [], StopRequest()
+        records, stop = [], StopRequest(self.cfg.train.stop_check_every)
         try:
             while self.step < t.steps:
                 m = self.train_step()
@@ -148,9 +156,9 @@ class Trainer:
                     records.append(record)
                     window.restart()
                 if not last and t.save_every and self.step % t.save_every == 0:
-                    self.save()
+                    self.save(background=True)
                     window.restart(keep=True)  # saving is not training time
-                elif not last and stop.agreed(self.device):
+                elif not last and stop.agreed(self.device, self.step, logging):
                     self.save()
                     logger.print(f"stopping on {stop.name} after step {self.step}: checkpoint saved; "
                                  f"train.resume=auto continues from it")
@@ -158,7 +166,18 @@ class Trainer:
         finally:
             stop.close()
             logger.close()
+            self._join_saver(quiet=True)  # an exception is on its way: do not replace it
         return records
+
+    def _join_saver(self, quiet: bool = False) -> None:
+        saver, self.saver = getattr(self, "saver", None), None
+        if saver is None:
+            return
+        try:
+            saver.wait()
+        except Exception:  # noqa: BLE001
+            if not quiet:
+                raise
 
     def _announce(self) -> bool:
         """Write config.yaml and print the run's header (rank 0); True if evaluation is possible."""
@@ -184,7 +203,10 @@ class Trainer:
         _sync(self.device)
         t = self.cfg.train
         tps = t.global_batch_size * t.seq_len * window.steps / window.elapsed()
-        return {"step": self.step, "loss": window.mean(), "lr": m["lr"], "grad_norm": m["grad_norm"],
+        # The window's step losses, averaged over DP ranks in one all-reduce and read here,
+        # then summed on the host in step order: the same floats as reading each step's.
+        loss = sum(self._dp_means(torch.stack(window.losses))) / window.steps
+        return {"step": self.step, "loss": loss, "lr": m["lr"], "grad_norm": _as_float(m["grad_norm"]),
                 "tokens_per_s": tps, "mfu": self._mfu(tps), **memory_stats(self.device)}
 
     def _mfu(self, tokens_per_s: float) -> float | None:
@@ -193,18 +215,28 @@ class Trainer:
         return self.flops_per_token * tokens_per_s / (self.peak_flops * self.dims.world_size)
 
     # ---------------------------------------------------------------------------------------
-    def save(self):
-        return state.save_state(self.components, self.step, self.train_loader.state_dict())
+    def save(self, background: bool = False):
+        """Checkpoint now (collective). background=True under train.async_save: copy the state
+        and write it while training continues. Every other save (the last, SIGTERM's) waits for
+        the one in flight and writes in the foreground: the run ends right after it."""
+        saver = getattr(self, "saver", None)
+        if saver is not None and not background:
+            self._join_saver()
+            saver = None
+        return state.save_state(self.components, self.step, self.train_loader.state_dict(), saver)
 
 
 class StopRequest:
     """SIGTERM / SIGUSR1 (slurm's warning before the time limit, a preemption, `kill`): finish
     the current step, save a checkpoint, stop. Every rank must stop at the same step (saving is
-    collective), so the ranks agree with one tiny all-reduce per step."""
+    collective), so the ranks agree with one tiny all-reduce -- a host sync -- but only at
+    logging steps (which sync anyway) and every `check_every` steps: a stop comes at most
+    check_every - 1 steps after the signal."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
-    def __init__(self):
+    def __init__(self, check_every: int = 1):
+        self.check_every = check_every
         self.name: str | None = None
         self._previous = {}
         if threading.current_thread() is threading.main_thread():  # handlers only work there
@@ -214,8 +246,11 @@ class StopRequest:
     def _handle(self, signum, frame) -> None:
         self.name = signal.Signals(signum).name
 
-    def agreed(self, device: torch.device) -> bool:
-        """True on every rank once any rank has been signalled."""
+    def agreed(self, device: torch.device, step: int = 0, logging: bool = True) -> bool:
+        """True on every rank, at the same step, once any rank has been signalled. Decided only
+        at logging steps and steps divisible by check_every (the same steps on every rank)."""
+        if not logging and step % self.check_every:
+            return False
         flag = self.name is not None
         if dist.is_available() and dist.is_initialized():
             t = torch.tensor([float(flag)], device=device)
@@ -231,17 +266,17 @@ class StopRequest:
 
 
 class _Window:
-    """Training losses and time since the last logged step."""
+    """Training losses (this rank's, device tensors, unread) and time since the last logged step."""
 
     def __init__(self):
         self.restart()
 
-    def add(self, loss: float) -> None:
-        self.loss += loss
-        self.steps += 1
+    def add(self, loss: torch.Tensor) -> None:
+        self.losses.append(loss.detach())
 
-    def mean(self) -> float:
-        return self.loss / self.steps
+    @property
+    def steps(self) -> int:
+        return len(self.losses)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
@@ -249,8 +284,14 @@ class _Window:
     def restart(self, keep: bool = False) -> None:
         """Start a new window; keep=True keeps its losses and only restarts the clock."""
         if not keep:
-            self.loss, self.steps = 0.0, 0
+            self.losses = []
         self.start = time.perf_counter()
+
+
+def _as_float(value) -> float:
+    """A gradient norm as a float: engines return a device tensor (read here, at a logging
+    step), a float, or None (DeepSpeed before its first step)."""
+    return float("nan") if value is None else float(value)
 
 
 def _sync(device: torch.device) -> None:

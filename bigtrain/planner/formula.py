@@ -7,7 +7,9 @@ f = ffn_hidden, a = n_heads, per block:
 
     each RMSNorm      input in fp32 4*Sr*h + rstd 4*Sr + normalised 4*Sr*h (fp32, saved
                       before the cast back)
-    each norm output  e*S*h       (saved by the projections; all-gathered, so full S, under SP)
+    each norm output  e*S*h       (saved by the projections; under SP in fp32 only this rank's
+                      slice 4*Sr*h, all-gathered again in backward; under SP with autocast the
+                      bf16 cast of the all-gathered sequence, e*S*h)
     fused attention   e*S*(2h + 2kv)/t  (q, k after rotary, v, output) + lse 4*S*a/t
     SwiGLU MLP        4*e*S*f/t   (gate, up, silu(gate), product)
     dropout p > 0     mask_bytes*Sr*h per residual branch (bool on CUDA, e bytes on CPU); CPU
@@ -91,7 +93,11 @@ def saved_tensors(sh: Shape) -> dict[str, int]:
         out[f"{norm}.input"] = 4 * Sr * h
         out[f"{norm}.rstd"] = 4 * Sr
         out[f"{norm}.normalised"] = 4 * Sr * h
-    out["attention.input"] = e * S * h  # the norm output (all-gathered under SP), as the matmuls see it
+    # The norm output as the projections keep it: whole; under SP, fp32, this rank's 1/t slice
+    # (re-gathered in backward, parallel.layers); under SP and autocast the projections read the
+    # bf16 cast of the gathered sequence, which they keep whole.
+    proj_in = 4 * Sr * h if sh.sp and not sh.autocast else e * S * h
+    out["attention.input"] = proj_in
     if sh.math_attention:
         for name in ("q_scaled", "k_expanded", "v_expanded", "output"):
             out[f"attention.core.{name}"] = e * S * h // t
@@ -103,7 +109,7 @@ def saved_tensors(sh: Shape) -> dict[str, int]:
         out["attention.core.v"] = e * S * kv // t
         out["attention.core.output"] = e * S * h // t
         out["attention.core.lse"] = 4 * S * a // t
-    out["feed_forward.input"] = e * S * h
+    out["feed_forward.input"] = proj_in
     for name in ("gate", "up", "silu", "product"):
         out[f"feed_forward.{name}"] = e * S * f // t
     if m.dropout > 0:

@@ -120,3 +120,18 @@ def test_pointwise_under_data_parallel_engines(layout, tiny_data, tmp_path):
     ref = run_ranks(fn, world, base(tiny_data, tmp_path / "ref", *common), timeout=240)
     got = run_ranks(fn, world, base(tiny_data, tmp_path / "rc", *common, *recompute), timeout=240)
     assert got == ref
+
+
+def test_second_backward_through_the_same_pointwise_graph():
+    """retain_graph / autograd.grad: the replay is entered again and must hand out the kept
+    outputs again."""
+    from tests.test_recompute import model_cfg as cfg_of
+
+    cfg = cfg_of()
+    model = init_weights(apply_recompute(build_model(cfg), ParallelDims.single(), POINTWISE["pointwise"]), seed=0)
+    torch.manual_seed(0)
+    x = torch.randn(B, S, cfg.dim, requires_grad=True)
+    y = (model.block_runner(x, model.rope[:S]) ** 2).sum()
+    (first,) = torch.autograd.grad(y, x, retain_graph=True)
+    (second,) = torch.autograd.grad(y, x)
+    assert torch.equal(first, second)

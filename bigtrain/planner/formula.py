@@ -42,7 +42,8 @@ outputs of its matmuls and attention, nothing elementwise:
     dropout p > 0           mask_bytes*Sr*h of the last residual add only (the other is replayed)
 
 the down-projection's output is not kept (only the last residual add reads it). With core_attn
-the attention terms go (the kernel runs again); with mlp, gate and up go (w1, w3 run again).
+the attention terms go (the kernel runs again; so also with attention dropout in a fused CUDA
+kernel, which draws it); with mlp, gate and up go (w1, w3 run again).
 fp32, no dropout, t = 1: S * (16h + 8kv + 8f + 4a) bytes, against S * (32h + 8kv + 16f + 4a + 8)
 without recompute.
 """
@@ -187,7 +188,10 @@ def _pointwise(sh: Shape, modules: list[str]) -> dict[str, int]:
     h, kv, f, a = m.dim, m.kv_heads * m.head_dim, m.hidden, m.n_heads
     kept = {"input": 4 * Sr * h, "attention.wq": e * S * h // t, "attention.wk": e * S * kv // t,
             "attention.wv": e * S * kv // t, "attention.wo": e * S * h}
-    if "core_attn" not in modules:
+    # attention dropout outside the math kernel (CUDA): the fused kernel draws it, so it runs
+    # again in the replay and keeps nothing, as under core_attn
+    fused_dropout = m.dropout > 0 and not sh.math_attention
+    if "core_attn" not in modules and not fused_dropout:
         if sh.math_attention:
             kept["attention.core.scores"] = e * S * a * sh.s // t
             kept["attention.core.output"] = e * S * h // t

@@ -15,9 +15,9 @@ ends the replay when that matmul's inputs are saved, before it runs.
 RNG: no random op is ever kept (bernoulli_ and friends write in place, and only the compute ops
 above are kept), so the replay draws exactly the forward's random numbers in the forward's
 order, from the states bigtrain's checkpoint restores. A fused attention kernel that draws
-its own dropout (CUDA flash/efficient with dropout_p > 0) would be skipped in the replay and
-shift the draws after it: the Cache refuses it (CPU attention with dropout uses the math
-kernel, whose dropout is an ordinary op and is replayed).
+its own dropout (CUDA flash/efficient/cudnn with dropout_p > 0) is therefore not kept either:
+it runs again, as under core_attn (CPU attention with dropout uses the math kernel, whose
+dropout is an ordinary op: its matmuls are kept, its dropout replayed).
 
 Combinations: with core_attn nothing computed inside the attention core is kept (the kernel
 runs again from the kept q, k, v); with mlp nothing inside the MLP is kept (w1 and w3 run
@@ -64,16 +64,15 @@ def _detach(t):
     return t
 
 
-def _random(func, args, kwargs) -> bool:
-    """A fused attention kernel that draws dropout itself."""
-    if func in (aten._scaled_dot_product_flash_attention_for_cpu.default,):
-        return bool(kwargs.get("dropout_p", args[3] if len(args) > 3 else 0.0))
-    if "attention" in str(func):
-        p = kwargs.get("dropout_p", None)
-        if p is None:
-            p = next((a for a in args[3:] if isinstance(a, float)), 0.0)
-        return bool(p)
-    return False
+def _draws_dropout(func, args, kwargs) -> bool:
+    """A fused attention kernel with dropout_p > 0 (it draws from the generator itself). In all
+    of them dropout_p is the first float argument after (query, key, value)."""
+    if func in (aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default):
+        return False
+    p = kwargs.get("dropout_p")
+    if p is None:
+        p = next((a for a in args[3:] if isinstance(a, float)), 0.0)
+    return p > 0
 
 
 class Kept:
@@ -104,10 +103,8 @@ class Cache(TorchDispatchMode):
         out = func(*args, **kwargs)
         if func not in KEPT_OPS:  # recomputed (only the kept kinds are counted, in both modes)
             return out
-        keep = _NO_CACHE.get() == 0
-        if keep and _random(func, args, kwargs):
-            raise RuntimeError(f"recompute.modules=pointwise cannot keep {func} with dropout (its replay would "
-                               "shift the random stream); use model.dropout=0 or another policy on this device")
+        # A kernel that draws dropout runs again (skipping it would shift every later draw)
+        keep = _NO_CACHE.get() == 0 and not _draws_dropout(func, args, kwargs)
         group = self.kept.group
         store = group.store if group is not None else (lambda t: t)
         self.kept.entries[func].append(

@@ -129,7 +129,14 @@ def tp1_modes(n_layers: int, min_size: str) -> list[Mode]:
         Mode("full + offload", rc(min_size, granularity="full", offload=True)),
         Mode("selective [norm, mlp_act] + offload", rc(min_size, granularity="selective",
                                                        modules=["norm", "mlp_act"], offload=True)),
+        Mode("selective [pointwise]", rc(min_size, granularity="selective", modules=["pointwise"])),
+        Mode("selective [pointwise] + offload", rc(min_size, granularity="selective", modules=["pointwise"],
+                                                   offload=True)),
         Mode("torch.utils.checkpoint per block", None, "torch", rc(min_size, granularity="full")),
+        # torchtitan's "op" selective checkpoint: per block, keep the outputs of the matmuls and
+        # fused attention, recompute every other op (torch's selective-checkpoint API)
+        Mode("torch op-level selective checkpoint per block", None, "torch_op",
+             rc(min_size, granularity="selective", modules=["pointwise"])),
     ]
 
 
@@ -163,6 +170,28 @@ class TorchCheckpointRunner:
     def __call__(self, x, rope):
         for layer in self.layers:
             x = torch_checkpoint.checkpoint(layer, x, rope, use_reentrant=False)
+        return x
+
+
+_OP_SAVE = [torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+            *[getattr(torch.ops.aten, n).default for n in (
+                "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_for_cpu",
+                "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")
+              if hasattr(torch.ops.aten, n)]]
+
+
+class TorchOpSACRunner:
+    """torch.utils.checkpoint (non-reentrant) around every block with torch's selective
+    checkpoint: the outputs of mm/addmm/bmm and fused attention are saved, every other op is
+    recomputed (torchtitan's "op" mode, without its every-other-mm rule: no extra matmuls)."""
+
+    def __init__(self, layers):
+        self.layers = layers
+        self.context_fn = functools.partial(torch_checkpoint.create_selective_checkpoint_contexts, _OP_SAVE)
+
+    def __call__(self, x, rope):
+        for layer in self.layers:
+            x = torch_checkpoint.checkpoint(layer, x, rope, use_reentrant=False, context_fn=self.context_fn)
         return x
 
 
@@ -216,6 +245,8 @@ def build(cfg: ModelConfig, dims: ParallelDims, mode: Mode, device, ref=None, ds
         share_params(model, ref)
     if mode.foreign == "torch":
         model.block_runner = TorchCheckpointRunner(model.layers)
+    elif mode.foreign == "torch_op":
+        model.block_runner = TorchOpSACRunner(model.layers)
     elif mode.foreign in ("ds_partition", "ds_partition_cpu"):
         dsc, mpu = ds
         model.block_runner = DeepSpeedRunner(model.layers, dsc, mpu, cpu=mode.foreign == "ds_partition_cpu")
@@ -517,6 +548,8 @@ def count_flops(cfg: ModelConfig, dims: ParallelDims, mode: Mode, b: int, s: int
             apply_recompute(model, dims, mode.rc)
         if mode.foreign == "torch":
             model.block_runner = TorchCheckpointRunner(model.layers)
+        elif mode.foreign == "torch_op":
+            model.block_runner = TorchOpSACRunner(model.layers)
         model.train()
         tokens = torch.zeros(b, s + 1, dtype=torch.long)
         with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
@@ -933,6 +966,8 @@ def main() -> None:
     p.add_argument("--tp2-seq", type=int, default=None, help="section 2 sequence length (default: --seq on CPU, 256 on CUDA)")
     p.add_argument("--tp2-batch", type=int, default=None, help="section 2 micro-batch (default: --batch on CPU, 1 on CUDA)")
     p.add_argument("--skip-tp1", action="store_true", help="skip section 1")
+    p.add_argument("--tp1-modes", default=None,
+                   help="section 1: only these modes, names separated by ';' (none is always first)")
     p.add_argument("--skip-tp2", action="store_true", help="skip section 2")
     p.add_argument("--skip-deepspeed", action="store_true", help="skip DeepSpeed's rows in section 2")
     p.add_argument("--out", default=None, help="also write the report to this file")
@@ -1011,6 +1046,12 @@ def main() -> None:
         t = time.perf_counter()
         dims = ParallelDims.single()
         modes = tp1_modes(cfg.n_layers, a.offload_min_size)
+        if a.tp1_modes:
+            wanted = {n.strip() for n in a.tp1_modes.split(";")} | {"none"}
+            unknown = wanted - {m.name for m in modes}
+            if unknown:
+                p.error(f"--tp1-modes: unknown {sorted(unknown)}; choose from: {'; '.join(m.name for m in modes)}")
+            modes = [m for m in modes if m.name in wanted]
         bench = Bench(cfg, dims, device, batch, seq, autocast)
         deadline = T0 + a.budget - 45 if a.budget > 0 else None  # 45 s: FLOPs counting and the report
         res, timing = run_modes(bench, modes, a.steps, deadline=deadline)

@@ -126,7 +126,7 @@ class RecomputeConfig:
     num_layers: int = 1
     """Group size (method uniform) or number of checkpointed blocks (method block)."""
     modules: list[str] = field(default_factory=lambda: ["norm", "mlp_act"])
-    """Selective recompute: what is recomputed inside each block: norm (both RMSNorms), mlp_act (the SwiGLU product), core_attn (fused attention; saves little, see README), mlp (the whole MLP)."""
+    """Selective recompute: what is recomputed inside each block: norm (both RMSNorms), mlp_act (the SwiGLU product), core_attn (fused attention; saves little, see README), mlp (the whole MLP), pointwise (every elementwise op of the block, from kept matmul and attention outputs; combines with core_attn and mlp)."""
     offload: bool = False
     """Move the tensors kept for backward (checkpoint inputs under full; all kept activations under none or selective) to a reused host pool, copied back before their block's backward."""
     offload_min_size: str = "1MiB"
@@ -165,9 +165,13 @@ class RecomputeConfig:
                                   "SwiGLU product: keep one")
             if len(set(self.modules)) != len(self.modules):
                 raise ConfigError(f"recompute.modules={self.modules} lists a module twice")
+            both = [m for m in ("norm", "mlp_act") if m in self.modules]
+            if "pointwise" in self.modules and both:
+                raise ConfigError(f"recompute.modules lists pointwise and {both[0]}; pointwise already recomputes "
+                                  "every elementwise op (norms, SwiGLU product): drop " + both[0])
 
 
-RECOMPUTE_MODULES = ("norm", "mlp_act", "core_attn", "mlp")
+RECOMPUTE_MODULES = ("norm", "mlp_act", "core_attn", "mlp", "pointwise")
 
 
 @dataclass

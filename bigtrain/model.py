@@ -144,8 +144,14 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        x, mlp_out = self.sublayers(x, rope)
+        return x + self.dropout(mlp_out)
+
+    def sublayers(self, x: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block up to its last residual add: (x after attention, MLP output), both (b, s, h).
+        A boundary of its own for pointwise recompute (bigtrain.recompute.pointwise)."""
         x = x + self.dropout(self.attention(self.attention_norm(x), rope))
-        return x + self.dropout(self.feed_forward(self.ffn_norm(x)))
+        return x, self.feed_forward(self.ffn_norm(x))
 
 
 class Transformer(nn.Module):

@@ -13,7 +13,11 @@ identical. full_from_shards is the inverse, for checkpoints; `shard_of(p)` reads
 
 Sequence parallelism (SP): activations between TP regions are (b, s/tp, h). Column-parallel
 layers then all-gather the sequence on entry (reduce-scatter in backward) instead of copy_to_tp,
-and row-parallel layers / the embedding reduce-scatter on exit instead of all-reducing.
+and row-parallel layers / the embedding reduce-scatter on exit instead of all-reducing. A
+column-parallel layer whose input came from that all-gather keeps only this rank's (b, s/tp, h)
+slice for its weight gradient and all-gathers it again in backward (as Megatron does), started
+before the input-gradient matmul so the two overlap where the backend runs collectives
+asynchronously; projections of the same input share one gather.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from torch import nn
 
 from bigtrain.model import SEQUENCE_PARALLEL, TP_SHARD
 from bigtrain.parallel.dims import ParallelDims, padded_vocab
-from bigtrain.parallel.mappings import copy_to_tp, gather_from_sequence, reduce_from_tp, reduce_scatter_to_sequence
+from bigtrain.parallel.mappings import (SequenceSlice, copy_to_tp, gather_from_sequence, reduce_from_tp,
+                                       reduce_scatter_to_sequence)
 
 
 class Shard:
@@ -120,7 +125,14 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_ready:
             x = gather_from_sequence(x, self.group) if self.sequence_parallel else copy_to_tp(x, self.group)
-        y = F.linear(x, self.weight, self.bias)  # (b, s, out_padded/tp)
+        piece = getattr(x, "sequence_slice", None) if self.sequence_parallel else None
+        if piece is not None and torch.is_grad_enabled() and x.requires_grad and self.weight.requires_grad:
+            piece.use()
+            y = _LinearRegatherInput.apply(x, x.sequence_local, self.weight, piece)
+            if self.bias is not None:
+                y = y + self.bias
+        else:
+            y = F.linear(x, self.weight, self.bias)  # (b, s, out_padded/tp)
         if self.n_real < y.shape[-1]:
             # In place on our own matmul output (linear's backward does not need it); autograd
             # gives the filled columns zero gradient, so the zero padding rows stay zero.
@@ -130,6 +142,29 @@ class ColumnParallelLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, local_out={self.weight.shape[0]}, "
                 f"sequence_parallel={self.sequence_parallel}")
+
+
+class _LinearRegatherInput(torch.autograd.Function):
+    """y = x W^T for x the all-gathered (b, s, in) input, keeping only `local`, this rank's
+    (b, s/tp, in) slice: backward all-gathers it again for W's gradient. The gradients are
+    bitwise those of F.linear's backward: the same two matmuls on the same operands."""
+
+    @staticmethod
+    def forward(ctx, x, local, weight, piece: SequenceSlice):
+        ctx.piece = piece
+        ctx.save_for_backward(local, weight)
+        return F.linear(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        local, weight = ctx.saved_tensors  # (b, s/tp, in): unpacked so recompute/offload see it
+        piece = ctx.piece
+        piece.start(local)  # the all-gather runs while the input gradient is computed
+        g = grad.reshape(-1, grad.shape[-1])  # (b*s, out)
+        grad_x = g.mm(weight).view(*grad.shape[:-1], weight.shape[1])  # (b, s, in)
+        full = piece.full()
+        grad_w = g.t().mm(full.reshape(-1, full.shape[-1]))  # (out, in)
+        return grad_x, None, grad_w, None
 
 
 class RowParallelLinear(nn.Module):

@@ -5,6 +5,7 @@ Each forward collective's backward is its adjoint:
     copy_to_tp                 identity             / all-reduce
     reduce_from_tp             all-reduce           / identity
     gather_from_sequence       all-gather dim 1     / reduce-scatter dim 1
+                               (its output's SequenceSlice: the slice, re-gathered in backward)
     reduce_scatter_to_sequence reduce-scatter dim 1 / all-gather dim 1
 
 Activations are (b, s, h): the sequence is dim 1, not the leading dim that the single-tensor
@@ -120,6 +121,46 @@ class _GatherFromSequence(torch.autograd.Function):
         return reduce_scatter(grad, 1, ctx.group), None
 
 
+class SequenceSlice:
+    """This rank's (b, s/tp, h) slice of an all-gathered input, kept instead of the gathered
+    (b, s, h) tensor by the column-parallel projections that read it (see
+    layers.ColumnParallelLinear): their backward all-gathers it again, once for all of them.
+    gather_from_sequence attaches one to its output as `.sequence_slice`, and the slice itself
+    as `.sequence_local` (on the output, so that it lives only as long as the output: in
+    backward the slice comes from the projections' saved tensors, which offload may have moved)."""
+
+    def __init__(self, group):
+        self.group = group
+        self._full: torch.Tensor | None = None
+        self._work = None
+        self._users = 0  # projections whose backward has not run yet
+
+    def use(self) -> None:
+        self._users += 1
+
+    def start(self, local: torch.Tensor) -> None:
+        """Begin the all-gather of `local` (asynchronous where the backend allows), unless done."""
+        if self._full is None and self._work is None:
+            local = local.contiguous()
+            self._shape = local.shape
+            self._buf = local.new_empty((group_size(self.group) * local.shape[0], *local.shape[1:]))
+            self._work = _all_gather_single(self._buf, local, group=self.group, async_op=True)
+
+    def full(self) -> torch.Tensor:
+        """(after start) The gathered (b, s, h) input, bitwise what the forward's all-gather gave; released
+        after the last projection's backward."""
+        if self._full is None:
+            self._work.wait()
+            n = group_size(self.group)
+            self._full = self._buf.view(n, *self._shape).movedim(0, 1).flatten(1, 2).contiguous()
+            self._work = self._buf = None
+        full = self._full
+        self._users -= 1
+        if self._users <= 0:
+            self._full = None  # gathered again if a second backward needs it
+        return full
+
+
 class _ReduceScatterToSequence(torch.autograd.Function):
     """Forward: reduce-scatter partial sums (b, s, h) -> summed slice (b, s/tp, h), leaving the
     TP region under SP. Backward: all-gather the slices' gradients (the partial sums' gradient
@@ -152,8 +193,12 @@ def reduce_from_tp(x, group):
 
 
 def gather_from_sequence(x, group):
-    """All-gather dim 1 / reduce-scatter dim 1. See _GatherFromSequence."""
-    return _apply(_GatherFromSequence, x, group)
+    """All-gather dim 1 / reduce-scatter dim 1. See _GatherFromSequence. The output carries a
+    SequenceSlice of x (`.sequence_slice`) for the column-parallel layers that read it."""
+    out = _apply(_GatherFromSequence, x, group)
+    if out is not x:
+        out.sequence_slice, out.sequence_local = SequenceSlice(group), x
+    return out
 
 
 def reduce_scatter_to_sequence(x, group):

@@ -7,7 +7,9 @@ f = ffn_hidden, a = n_heads, per block:
 
     each RMSNorm      input in fp32 4*Sr*h + rstd 4*Sr + normalised 4*Sr*h (fp32, saved
                       before the cast back)
-    each norm output  e*S*h       (saved by the projections; all-gathered, so full S, under SP)
+    each norm output  e*S*h       (saved by the projections; under SP in fp32 only this rank's
+                      slice 4*Sr*h, all-gathered again in backward; under SP with autocast the
+                      bf16 cast of the all-gathered sequence, e*S*h)
     fused attention   e*S*(2h + 2kv)/t  (q, k after rotary, v, output) + lse 4*S*a/t
     SwiGLU MLP        4*e*S*f/t   (gate, up, silu(gate), product)
     dropout p > 0     mask_bytes*Sr*h per residual branch (bool on CUDA, e bytes on CPU); CPU
@@ -27,6 +29,23 @@ norm -> rstd and the normalised tensor go; mlp_act -> silu(gate) goes; core_attn
 lse goes with fused attention (its output is the out-projection's saved input anyway, and the
 s x s scores were never stored); mlp -> the four MLP tensors go (and under SP the MLP's input
 is kept as the 1/t slice instead of the all-gathered sequence).
+
+pointwise (op-level: bigtrain.recompute.pointwise) keeps the block's fp32 input 4*Sr*h and the
+outputs of its matmuls and attention, nothing elementwise:
+
+    q, k, v (before RoPE)   e*S*(h + 2kv)/t
+    fused attention         output e*S*h/t + lse 4*S*a/t (math kernel, CPU dropout: the scores
+                            q k^T e*S*a*s/t and probabilities @ v e*S*h/t)
+    out-projection          e*S*h (the partial sums before the all-reduce / reduce-scatter: full
+                            S and h on every rank)
+    gate, up                2*e*S*f/t
+    dropout p > 0           mask_bytes*Sr*h of the last residual add only (the other is replayed)
+
+the down-projection's output is not kept (only the last residual add reads it). With core_attn
+the attention terms go (the kernel runs again; so also with attention dropout in a fused CUDA
+kernel, which draws it); with mlp, gate and up go (w1, w3 run again).
+fp32, no dropout, t = 1: S * (16h + 8kv + 8f + 4a) bytes, against S * (32h + 8kv + 16f + 4a + 8)
+without recompute.
 """
 
 
@@ -55,7 +74,11 @@ def saved_tensors(sh: Shape) -> dict[str, int]:
         out[f"{norm}.input"] = 4 * Sr * h
         out[f"{norm}.rstd"] = 4 * Sr
         out[f"{norm}.normalised"] = 4 * Sr * h
-    out["attention.input"] = e * S * h  # the norm output (all-gathered under SP), as the matmuls see it
+    # The norm output as the projections keep it: whole; under SP, fp32, this rank's 1/t slice
+    # (re-gathered in backward, parallel.layers); under SP and autocast the projections read the
+    # bf16 cast of the gathered sequence, which they keep whole.
+    proj_in = 4 * Sr * h if sh.sp and not sh.autocast else e * S * h
+    out["attention.input"] = proj_in
     if sh.math_attention:
         for name in ("q_scaled", "k_expanded", "v_expanded", "output"):
             out[f"attention.core.{name}"] = e * S * h // t
@@ -67,7 +90,7 @@ def saved_tensors(sh: Shape) -> dict[str, int]:
         out["attention.core.v"] = e * S * kv // t
         out["attention.core.output"] = e * S * h // t
         out["attention.core.lse"] = 4 * S * a // t
-    out["feed_forward.input"] = e * S * h
+    out["feed_forward.input"] = proj_in
     for name in ("gate", "up", "silu", "product"):
         out[f"feed_forward.{name}"] = e * S * f // t
     if m.dropout > 0:
@@ -137,6 +160,32 @@ def _selective(sh: Shape, modules: list[str]) -> dict[str, int]:
     return kept
 
 
+def _pointwise(sh: Shape, modules: list[str]) -> dict[str, int]:
+    """What one block keeps under op-level recompute (see the module docstring)."""
+    m, t, e = sh.model, sh.tp, sh.elem
+    S = sh.b * sh.s
+    Sr = S // t if sh.sp else S
+    h, kv, f, a = m.dim, m.kv_heads * m.head_dim, m.hidden, m.n_heads
+    kept = {"input": 4 * Sr * h, "attention.wq": e * S * h // t, "attention.wk": e * S * kv // t,
+            "attention.wv": e * S * kv // t, "attention.wo": e * S * h}
+    # attention dropout outside the math kernel (CUDA): the fused kernel draws it, so it runs
+    # again in the replay and keeps nothing, as under core_attn
+    fused_dropout = m.dropout > 0 and not sh.math_attention
+    if "core_attn" not in modules and not fused_dropout:
+        if sh.math_attention:
+            kept["attention.core.scores"] = e * S * a * sh.s // t
+            kept["attention.core.output"] = e * S * h // t
+        else:
+            kept["attention.core.output"] = e * S * h // t
+            kept["attention.core.lse"] = 4 * S * a // t
+    if "mlp" not in modules:
+        kept["feed_forward.w1"] = e * S * f // t
+        kept["feed_forward.w3"] = e * S * f // t
+    if m.dropout > 0:
+        kept["feed_forward.dropout_mask"] = sh.mask_bytes * Sr * h
+    return kept
+
+
 def _split(tensors: dict[str, int], offload: bool, min_bytes: int) -> tuple[int, int]:
     """(device, host) bytes of a set of kept storages."""
     if not offload:
@@ -154,7 +203,8 @@ def span_bytes(sh: Shape, span, min_bytes: int) -> tuple[int, int]:
         if span.partition and sh.tp > 1 and not sh.sp:
             n = 4 * -(-(S * sh.model.dim) // sh.tp)  # 1/t of the flat input, padded
         return _split({"input": n}, span.offload, min_bytes)
-    dev, host = _split(_selective(sh, list(span.modules)), span.offload, min_bytes)
+    kept = _pointwise if "pointwise" in span.modules else _selective
+    dev, host = _split(kept(sh, list(span.modules)), span.offload, min_bytes)
     n = span.stop - span.start
     return dev * n, host * n
 

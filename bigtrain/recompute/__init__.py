@@ -6,7 +6,8 @@
     print(acc.report)
 
 Modules: checkpoint (the RNG-exact, input-preserving checkpoint function), saved (where kept
-tensors live: device or host pool, with prefetch), policy (config -> runner and wrappers),
+tensors live: device or host pool, with prefetch), pointwise (op-level selective recompute:
+matmul and attention outputs kept, elementwise ops replayed), policy (config -> runner and wrappers),
 accounting (the saved-bytes accountant; the formula it is checked against is
 bigtrain.planner.formula).
 """

@@ -41,22 +41,27 @@ def is_recomputing() -> bool:
     return _RECOMPUTING.get()
 
 
-def checkpoint(fn, stash: "Stash", *args, rng: RNGTracker | None = None):
+def checkpoint(fn, stash: "Stash", *args, rng: RNGTracker | None = None, kept=None):
     """fn(stash, *args), recomputed in backward from what `stash` kept (see the module docstring).
 
     `args` are passed as they are (e.g. the rotary table, a buffer); tensors that must be kept
-    for backward belong in the stash.
+    for backward belong in the stash. `kept`: a pointwise.Kept, for op-level selective
+    recompute (the matmul and attention outputs are kept, not recomputed; see pointwise.py).
     """
     if not torch.is_grad_enabled():
         return fn(stash, *args)
     return torch_checkpoint.checkpoint(fn, stash, *args, use_reentrant=False, preserve_rng_state=False,
-                                       context_fn=functools.partial(_replay_contexts, rng))
+                                       context_fn=functools.partial(_replay_contexts, rng, kept))
 
 
-def _replay_contexts(rng: RNGTracker | None):
-    """(forward context, recompute context) for torch's checkpoint: capture, then replay, every RNG."""
+def _replay_contexts(rng: RNGTracker | None, kept=None):
+    """(forward context, recompute context) for torch's checkpoint: capture, then replay, every
+    RNG (and, with `kept`, keep the compute ops' outputs, then hand them to the replay)."""
     replay = _Replay(rng)
-    return replay.forward(), replay
+    if kept is None:
+        return replay.forward(), replay
+    from bigtrain.recompute.pointwise import Both
+    return Both(replay.forward(), kept.forward_mode()), Both(replay, kept.replay_mode())
 
 
 class _Replay:

@@ -11,7 +11,10 @@ the model. Parameter names never change, so checkpoints move freely between poli
                            blocks; method block: only the first num_layers blocks, one each.
     granularity selective  inside every block the modules named in `modules` run under
                            checkpoint(); everything else keeps its saved tensors (offload: on
-                           the host).
+                           the host). modules pointwise: each block (but its last residual
+                           add) runs under checkpoint(), keeping its input and the matmul and
+                           attention outputs; every elementwise op is recomputed (pointwise.py);
+                           with core_attn / mlp, those modules' matmuls run again too.
     granularity auto       a policy per block, chosen by bigtrain.planner from memory_budget.
 
 With offload, the last span keeps its tensors on the device whatever its policy says (see
@@ -31,6 +34,7 @@ from torch import nn
 from bigtrain.config import RecomputeConfig, parse_bytes
 from bigtrain.parallel.dims import ParallelDims
 from bigtrain.recompute.checkpoint import Stash, checkpoint
+from bigtrain.recompute.pointwise import Kept, no_cache
 from bigtrain.recompute.saved import SavedTensors
 
 # recompute.modules -> paths inside a Block
@@ -39,7 +43,12 @@ SELECTIVE_MODULES = {
     "mlp_act": ("feed_forward.act",),
     "core_attn": ("attention.core_attention",),
     "mlp": ("feed_forward",),
+    "pointwise": (),  # the whole block: see BlockRunner._run_pointwise
 }
+# With pointwise, nothing is kept inside these (they run again in the replay): always the
+# down-projection (only the last residual add reads its output), and the named modules.
+POINTWISE_NOT_KEPT = {"pointwise": ("feed_forward.w2",), "core_attn": ("attention.core_attention",),
+                      "mlp": ("feed_forward",)}
 
 
 @dataclass(frozen=True)
@@ -51,6 +60,10 @@ class Span:
     modules: tuple[str, ...] = ()  # selective recompute inside each block of the span
     offload: bool = False  # what is kept goes to the host pool
     partition: bool = False  # the kept input is this rank's 1/tp slice
+
+    @property
+    def pointwise(self) -> bool:
+        return "pointwise" in self.modules
 
     @property
     def label(self) -> str:
@@ -141,8 +154,22 @@ class BlockRunner:
 
     def _run_blocks(self, x, rope, span: Span):
         for layer in self.layers[span.start:span.stop]:
-            x = layer(x, rope)
+            x = self._run_pointwise(layer, x, rope) if span.pointwise else layer(x, rope)
         return x
+
+    def _run_pointwise(self, layer, x, rope):
+        """One block under op-level recompute: the stash keeps x, the Kept the matmul and
+        attention outputs of the block's sublayers; the last residual add (and its dropout,
+        whose mask is kept as without recompute) runs outside the checkpoint."""
+        group = self.saved.current
+        stash = Stash((x,), group)
+        x, mlp_out = checkpoint(self._sublayers, stash, layer, rope, rng=self.rng, kept=Kept(group))
+        return x + layer.dropout(mlp_out)
+
+    @staticmethod
+    def _sublayers(stash: Stash, layer, rope):
+        (x,) = stash.take()
+        return layer.sublayers(x, rope)
 
 
 class Recomputed(nn.Module):
@@ -187,6 +214,10 @@ def apply_recompute(model: nn.Module, dims: ParallelDims, cfg: RecomputeConfig,
     runner = BlockRunner(model, dims, spans, parse_bytes(cfg.offload_min_size), rng)
     for span in spans:
         for block in model.layers[span.start:span.stop]:
+            if span.pointwise:  # core_attn / mlp then mean: nothing kept inside them
+                for path in (p for name in span.modules for p in POINTWISE_NOT_KEPT.get(name, ())):
+                    no_cache(block.get_submodule(path))
+                continue
             for name in span.modules:
                 for path in SELECTIVE_MODULES[name]:
                     block.set_submodule(path, Recomputed(block.get_submodule(path), runner.saved, runner.rng))

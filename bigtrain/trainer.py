@@ -20,7 +20,7 @@ import torch.distributed as dist
 from bigtrain import state
 from bigtrain.build import build
 from bigtrain.config import Config, dump_yaml
-from bigtrain.data.dataset import BatchLoader
+from bigtrain.data.dataset import BatchLoader, TokenDataset
 from bigtrain.errors import UserError
 from bigtrain.metrics import MetricsLogger, memory_stats, peak_flops
 from bigtrain.model import count_params, flops_per_token
@@ -41,6 +41,7 @@ class Trainer:
         self.module, self.engine = c.module, c.engine
         self.model = c.engine.model  # the data-parallel wrapper (or the module itself)
         self.train_loader, self.val_data = c.train_loader, c.val_data
+        self.val_sets = c.val_sets  # data.mix: each source's validation split by name ({} otherwise)
         self.recompute_spans, self.recompute_note = c.recompute_spans, c.recompute_note
         self.is_main = self.dims.rank == 0
         self.out_dir = Path(self.cfg.train.out_dir)
@@ -95,27 +96,42 @@ class Trainer:
                 + format_report(acc.report, block_formula(self.job.shape, self.cfg.recompute, self.recompute_spans)))
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean loss over the first data.eval_batches micro-batches of the validation split (per DP rank)."""
+    def evaluate(self, data: TokenDataset | None = None) -> float:
+        """Mean loss over the first data.eval_batches micro-batches of a validation split (default
+        self.val_data; per DP rank)."""
         self.model.eval()
-        loader = self._val_loader()
+        loader = self._val_loader(data)
         total = torch.zeros((), device=self.device)
         for _ in range(self.cfg.data.eval_batches):
             total += self.loss_on(loader.next_batch().to(self.device)).float()
         self.model.train()
         return self._dp_mean(total / self.cfg.data.eval_batches)
 
-    def _val_loader(self) -> BatchLoader:
-        return BatchLoader(self.val_data, self.cfg.train.seq_len, self.cfg.train.micro_batch_size,
+    def validation(self) -> dict[str, float]:
+        """An evaluation step's metrics: val_loss; with data.mix, val_loss/<source> for every source
+        whose split holds a batch, and val_loss their mean under the mixture's weights."""
+        if not self.val_sets:
+            return {"val_loss": self.evaluate()}
+        per = {n: self.evaluate(self.val_sets[n]) for n in self._evaluable}
+        w = self.train_loader.weights()
+        return {"val_loss": sum(w[n] * v for n, v in per.items()) / sum(w[n] for n in per),
+                **{f"val_loss/{n}": v for n, v in per.items()}}
+
+    def _val_loader(self, data: TokenDataset | None = None) -> BatchLoader:
+        return BatchLoader(self.val_data if data is None else data, self.cfg.train.seq_len, self.cfg.train.micro_batch_size,
                            seed=0, rank=self.dims.dp_rank, world=self.dims.dp, shuffle=False)
 
     def _no_evaluation_reason(self) -> str | None:
-        """Why the validation split cannot be evaluated (too short for one batch), or None."""
-        try:
-            self._val_loader()
-        except UserError as e:
-            return str(e)
-        return None
+        """Why no validation split can be evaluated (too short for one batch), or None; sets
+        self._evaluable, the data.mix sources whose split can be (a mixture needs one)."""
+        reasons = {}
+        for name, data in (self.val_sets or {"": self.val_data}).items():
+            try:
+                self._val_loader(data)
+            except UserError as e:
+                reasons[name] = str(e)
+        self._evaluable = [n for n in self.val_sets if n not in reasons]
+        return None if self._evaluable else next(iter(reasons.values()), None)
 
     def _dp_mean(self, value: torch.Tensor) -> float:
         return self._dp_means(value.reshape(1))[0]
@@ -151,7 +167,7 @@ class Trainer:
                     self.save()
                 if record is not None:
                     if can_evaluate and ((t.eval_every and self.step % t.eval_every == 0) or last):
-                        record["val_loss"] = self.evaluate()
+                        record.update(self.validation())
                     logger.log(record)
                     records.append(record)
                     window.restart()
@@ -196,6 +212,10 @@ class Trainer:
                 print(note, flush=True)
         if why is not None:
             print(f"warning: no validation loss in this run: {why}", flush=True)
+        skipped = [n for n in self.val_sets if n not in self._evaluable]
+        if why is None and skipped:
+            print(f"warning: no val_loss/<source> for data.mix source(s) {', '.join(skipped)}: validation split "
+                  f"shorter than one batch; val_loss averages the others", flush=True)
         return why is None
 
     def _record(self, m: dict, window: "_Window") -> dict:
@@ -206,8 +226,10 @@ class Trainer:
         # The window's step losses, averaged over DP ranks in one all-reduce and read here,
         # then summed on the host in step order: the same floats as reading each step's.
         loss = sum(self._dp_means(torch.stack(window.losses))) / window.steps
+        # data.mix: tokens/<source>, each source's training tokens so far, all ranks ({} otherwise)
+        sources = {f"tokens/{n}": k * t.seq_len for n, k in self.train_loader.source_counts().items()}
         return {"step": self.step, "loss": loss, "lr": m["lr"], "grad_norm": _as_float(m["grad_norm"]),
-                "tokens_per_s": tps, "mfu": self._mfu(tps), **memory_stats(self.device)}
+                "tokens_per_s": tps, "mfu": self._mfu(tps), **memory_stats(self.device), **sources}
 
     def _mfu(self, tokens_per_s: float) -> float | None:
         if self.peak_flops is None:

@@ -44,3 +44,30 @@ def fake_peak(job: Job, spans: list[Span] | None = None, steps: int = 1) -> dict
         snap = tracker.get_tracker_snapshot("peak")
     per_device = next(iter(snap.values()))
     return {str(getattr(k, "value", k)): v for k, v in per_device.items()}
+
+
+def measured_peak(cfg, steps: int = 3) -> dict:
+    """Peak memory (bytes by MemTracker category, and "Total") of `steps` real
+    `Trainer.train_step()` calls of the single-process trainer on real CPU tensors: parameters,
+    gradients, optimizer states, activations and every temporary, as allocated. `cfg` must
+    train on the CPU (train.device=cpu) from a prepared data.path."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from bigtrain.trainer import Trainer
+
+    trainer = Trainer(cfg)
+    tracker = MemTracker()
+    tracker.track_external(trainer.module, trainer.engine.optimizer)
+    loss_on = trainer.loss_on
+
+    def fresh_stats(batch):  # MemTracker's per-module stats allow one forward at a time
+        tracker.reset_mod_stats()
+        return loss_on(batch)
+
+    trainer.loss_on = fresh_stats
+    with tracker:
+        for _ in range(steps):
+            trainer.train_step()
+    snap = tracker.get_tracker_snapshot("peak")
+    per_device = next(iter(snap.values()))
+    return {str(getattr(k, "value", k)): v for k, v in per_device.items()}

@@ -1,0 +1,138 @@
+"""What the formula cannot see: the transients of one span's forward and backward (the
+temporaries of every op, the gradients as they are made, the replay of recomputed modules),
+taken from the real block code run on fake tensors (no memory, no process group) and cached
+per shape and policy. The memory model (bigtrain.planner.memory) composes these over the step.
+
+    p = span_profile(job.shape, span_key, persistent_grads)   # p.fwd_peak, p.bwd_peak, ...
+
+All figures are bytes relative to the start of the phase: `fwd_peak` above what was live before
+the span's forward (its input included), `bwd_peak` above what was live when its backward
+started (its kept tensors and the incoming gradient included); `grads` is what the backward
+leaves allocated (its parameters' gradients, when they were not there before).
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from dataclasses import dataclass, replace
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of every storage an op creates while it is alive, and their running maximum."""
+
+    def __init__(self):
+        super().__init__()
+        self._live: dict[int, int] = {}
+        self.total = 0
+        self.peak = 0
+
+    def add(self, t: torch.Tensor) -> None:
+        st = t.untyped_storage()
+        key = st._cdata
+        if key in self._live:
+            return
+        n = st.nbytes()
+        self._live[key] = n
+        self.total += n
+        self.peak = max(self.peak, self.total)
+        weakref.finalize(st, self._drop, key)
+
+    def _drop(self, key: int) -> None:
+        self.total -= self._live.pop(key, 0)
+
+    def restart_peak(self) -> int:
+        self.peak = self.total
+        return self.total
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.add(t)
+        return out
+
+
+@dataclass(frozen=True)
+class Profile:
+    fwd_peak: int  # above the live bytes before the span's forward (input included)
+    bwd_peak: int  # above the live bytes at the start of its backward (kept + incoming gradient)
+    grads: int  # parameter gradients its backward leaves allocated (0 when they existed)
+
+
+def span_profile(shape, blocks: int, checkpointed: bool, modules: tuple, persistent: bool) -> Profile:
+    """See `_profile` (cached by value: the config dataclasses are not hashable)."""
+    import dataclasses
+
+    m = tuple(sorted(dataclasses.asdict(shape.model).items()))
+    return _profile(m, shape.b, shape.s, shape.tp, shape.autocast, blocks, checkpointed, tuple(modules), persistent)
+
+
+@functools.lru_cache(maxsize=512)
+def _profile(model_items: tuple, b: int, s: int, t: int, bf16: bool, blocks: int, checkpointed: bool,
+             modules: tuple, persistent: bool) -> Profile:
+    """One span of `blocks` blocks under (checkpointed, modules), at this rank's shape, on fake
+    tensors. Tensor parallelism without sequence parallelism runs the rank's shards with
+    identity collectives (what they allocate is not modelled here); persistent: the gradients
+    exist before backward (accumulation, DDP buckets), which it then adds into."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from bigtrain.model import build_model
+    from bigtrain.parallel.dims import ParallelDims
+    from bigtrain.recompute.policy import Span, apply_recompute
+
+    from bigtrain.config import ModelConfig
+
+    m = ModelConfig(**dict(model_items))
+    cfg = replace(m, n_layers=blocks, vocab_size=8 * t)
+    span = Span(0, blocks, checkpointed=checkpointed, modules=modules)
+    dims = ParallelDims(world_size=t, rank=0, tp=t, sequence_parallel=False)
+    autocast = (torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False) if bf16
+                else _null())
+    with FakeTensorMode():
+        model = build_model(cfg, device="cpu")
+        if t > 1:
+            from bigtrain.parallel.parallelize import parallelize
+
+            parallelize(model, dims)
+        apply_recompute(model, ParallelDims.single() if t == 1 else dims, _plain(cfg), spans=[span])
+        model.train()
+        runner = model.block_runner
+        x = torch.zeros(b, s, m.dim, requires_grad=True)
+        rope = model.rope[:s]
+        if persistent:
+            for p in model.parameters():
+                p.grad = torch.zeros_like(p)
+        live = LiveBytes()
+        with live:
+            start = live.restart_peak()
+            with autocast:
+                y = runner(x, rope)
+            fwd_peak = live.peak - start
+            g = torch.zeros_like(y)
+            start = live.restart_peak()
+            y.backward(g)
+            bwd_peak = live.peak - start
+            del y
+            # what stays: parameter gradients (when new) and x.grad (which replaces g)
+            grads = 0 if persistent else sum(p.grad.untyped_storage().nbytes() for p in model.parameters()
+                                             if p.grad is not None)
+    return Profile(fwd_peak, bwd_peak, grads)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _plain(model_cfg):
+    from bigtrain.config import RecomputeConfig
+
+    return RecomputeConfig()

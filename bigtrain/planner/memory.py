@@ -152,7 +152,8 @@ def estimate(job: Job, spans: list[Span], policy: str = "", n: Params | None = N
     pool = pinned if on_cpu else 0
     base = st.params + st.optimizer + st.buffers + grads_up_front + pool
     # The transients of each span's forward and backward, from its real code on fake tensors.
-    prof = [span_profile(sh, s.stop - s.start, s.checkpointed, tuple(s.modules), persistent) for s in spans]
+    prof = [span_profile(sh, s.stop - s.start, s.checkpointed, tuple(s.modules), persistent, held=h > 0)
+            for s, h in zip(spans, host_of)]
 
     # Forward, span by span: what the earlier spans keep, this span's input and its transients.
     fwd = base + ids

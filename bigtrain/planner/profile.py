@@ -64,21 +64,25 @@ class Profile:
     grads: int  # parameter gradients its backward leaves allocated (0 when they existed)
 
 
-def span_profile(shape, blocks: int, checkpointed: bool, modules: tuple, persistent: bool) -> Profile:
+def span_profile(shape, blocks: int, checkpointed: bool, modules: tuple, persistent: bool,
+                 held: bool = False) -> Profile:
     """See `_profile` (cached by value: the config dataclasses are not hashable)."""
     import dataclasses
 
     m = tuple(sorted(dataclasses.asdict(shape.model).items()))
-    return _profile(m, shape.b, shape.s, shape.tp, shape.autocast, blocks, checkpointed, tuple(modules), persistent)
+    return _profile(m, shape.b, shape.s, shape.tp, shape.autocast, blocks, checkpointed, tuple(modules), persistent, held)
 
 
 @functools.lru_cache(maxsize=512)
 def _profile(model_items: tuple, b: int, s: int, t: int, bf16: bool, blocks: int, checkpointed: bool,
-             modules: tuple, persistent: bool) -> Profile:
+             modules: tuple, persistent: bool, held: bool) -> Profile:
     """One span of `blocks` blocks under (checkpointed, modules), at this rank's shape, on fake
     tensors. Tensor parallelism without sequence parallelism runs the rank's shards with
     identity collectives (what they allocate is not modelled here); persistent: the gradients
-    exist before backward (accumulation, DDP buckets), which it then adds into."""
+    exist before backward (accumulation, DDP buckets), which it then adds into. held: what the
+    span keeps stays allocated until its backward ends, as an offloaded span's reloaded copies
+    do (they belong to the span's group, freed with its last saved tensor); otherwise autograd
+    frees each saved tensor once its node has run."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from bigtrain.model import build_model
@@ -110,14 +114,21 @@ def _profile(model_items: tuple, b: int, s: int, t: int, bf16: bool, blocks: int
         live = LiveBytes()
         with live:
             start = live.restart_peak()
-            with autocast:
+            holder = []
+
+            def pack(t):
+                holder.append(t)
+                return len(holder) - 1
+
+            hold = torch.autograd.graph.saved_tensors_hooks(pack, holder.__getitem__) if held else _null()
+            with hold, autocast:
                 y = runner(x, rope)
             fwd_peak = live.peak - start
             g = torch.zeros_like(y)
             start = live.restart_peak()
             y.backward(g)
             bwd_peak = live.peak - start
-            del y
+            del y, holder
             # what stays: parameter gradients (when new) and x.grad (which replaces g)
             grads = 0 if persistent else sum(p.grad.untyped_storage().nbytes() for p in model.parameters()
                                              if p.grad is not None)

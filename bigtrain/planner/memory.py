@@ -120,7 +120,7 @@ class Estimate:
 
 def estimate(job: Job, spans: list[Span], policy: str = "", n: Params | None = None) -> Estimate:
     """The memory (and extra time) of one rank under `spans`."""
-    from bigtrain.planner.profile import span_profile
+    from bigtrain.planner.profile import head_profile, span_profile
 
     spans = keep_last_on_device(spans)  # as apply_recompute runs them
     n = n or rank_params(job)
@@ -139,21 +139,14 @@ def estimate(job: Job, spans: list[Span], policy: str = "", n: Params | None = N
     S, v_local = sh.b * sh.s, job.padded_vocab // job.tp
     Sr = S // job.tp if sh.sp else S
     D = 4 * Sr * job.cfg.model.dim  # one residual-stream tensor (fp32): a block's input, its gradient
-    # End of forward: the logits (elem bytes) while the loss makes its fp32 softmax; with bf16
-    # logits at tp=1, F.cross_entropy also makes an fp32 copy first.
-    logits_fwd = sh.elem * S * v_local + (4 * S * v_local if sh.elem == 2 and job.tp == 1 else 0)
-    # Start of backward. tp=1: F.cross_entropy's two fp32 gradients (of the log-probabilities,
-    # then of the logits) live together. tp>1: the vocab-parallel loss turns its kept softmax
-    # into the gradient in place; only a bf16 copy is new.
-    logits_bwd = 8 * S * v_local if job.tp == 1 else (sh.elem * S * v_local if sh.elem == 2 else 0)
     persistent = st.grads_persistent
     grads_up_front = st.grads if persistent else 0
     # On the CPU the host pool is the same memory as everything else: its whole chunks count.
     pool = pinned if on_cpu else 0
     base = st.params + st.optimizer + st.buffers + grads_up_front + pool
     # The transients of each span's forward and backward, from its real code on fake tensors.
-    prof = [span_profile(sh, s.stop - s.start, s.checkpointed, tuple(s.modules), persistent, held=h > 0)
-            for s, h in zip(spans, host_of)]
+    prof = [span_profile(sh, s.stop - s.start, s.checkpointed, tuple(s.modules), persistent, held=h > 0,
+                         partition=s.partition) for s, h in zip(spans, host_of)]
 
     # Forward, span by span: what the earlier spans keep, this span's input and its transients.
     fwd = base + ids
@@ -164,14 +157,16 @@ def estimate(job: Job, spans: list[Span], policy: str = "", n: Params | None = N
     # Two spans of device->host copies may be in flight (CUDA): at the end of forward the last
     # offloaded span's tensors may still be on the device.
     in_flight = 0 if on_cpu else next((h for h in reversed(host_of) if h), 0)
-    phases = {"forward": max(peak_fwd, base + sum(kept_dev) + outside + logits_fwd + in_flight)}
-    # Backward. The loss's gradients first, while everything the forward kept is still there.
-    peak_bwd = base + sum(kept_dev) + outside + logits_bwd
+    head = head_profile(sh, persistent)  # final norm, output layer, loss: their real code on fake tensors
+    end_fwd = base + sum(kept_dev) + ids + outs["norm.input"] + head.fwd_peak + in_flight
+    phases = {"forward": max(peak_fwd, end_fwd)}
+    # Backward. The head's (loss, output layer, final norm) first, while everything the forward
+    # kept is still there.
+    peak_bwd = base + sum(kept_dev) + outside + head.bwd_peak
     # Then the output layer and the final norm free what they kept; the output layer's gradient
     # is the first one backward allocates. Each span: its kept tensors, the incoming gradient,
     # its backward's transients (replays, temporaries, its gradients as they are made).
-    grad_bytes = 0 if persistent else st.grads // max(1, n.total)
-    grads = grad_bytes * n.output
+    grads = head.grads
     cur = base + sum(kept_dev) + ids + D
     for i in range(len(spans) - 1, -1, -1):
         span = spans[i]
@@ -180,10 +175,7 @@ def estimate(job: Job, spans: list[Span], policy: str = "", n: Params | None = N
         # prefetches it, offloaded or not).
         prefetched = next((h for h in reversed(host_of[:i]) if h), 0)
         back = host_of[i] + prefetched
-        extra = 0
-        if span.checkpointed and span.partition and job.tp > 1 and not sh.sp:
-            extra = 4 * S * job.cfg.model.dim  # the replay all-gathers the full input
-        peak_bwd = max(peak_bwd, cur + grads + prof[i].bwd_peak + back + extra)
+        peak_bwd = max(peak_bwd, cur + grads + prof[i].bwd_peak + back)
         cur -= kept_dev[i]
         grads += prof[i].grads if not persistent else 0
     # The embedding's backward makes a dense (v, h) gradient; tied or accumulated, it is added

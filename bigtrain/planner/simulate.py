@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from bigtrain.errors import UserError
 from bigtrain.job import Job
 from bigtrain.model import build_model
 from bigtrain.parallel.dims import ParallelDims
@@ -144,3 +145,82 @@ def planned(cfg):
     job = resolve(cfg, 1, "cpu")
     spans = choose_recompute(job)[0] or spans_of(cfg.recompute, cfg.model.n_layers)
     return estimate(job, spans, mixed_name(spans))
+
+
+def simulated_peak(job: Job, spans: list[Span] | None = None, steps: int = 2) -> dict:
+    """Rank 0's peak (bytes by MemTracker category, and "Total") over `steps` real training steps
+    of the job's exact layout -- tensor parallelism, sequence parallelism, partition, the engine
+    -- under FakeTensorMode with torch's fake process-group backend: every op, collective and
+    allocation of the real code runs for one rank, no memory is used and no other process
+    exists. A dry run of `bigtrain train` (the CPU code path: resolve the job for "cpu").
+
+    Initialises the default process group (backend "fake", world job.world) when there is none,
+    and destroys it afterwards."""
+    import torch.distributed as dist
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from bigtrain.engines import build_engine
+    from bigtrain.parallel.loss import cross_entropy
+    from bigtrain.parallel.parallelize import clip_grad_norm, grad_norm, parallelize, sync_sequence_parallel_grads
+    from bigtrain.parallel.random import seed_rng
+    from bigtrain.recompute.policy import apply_recompute
+
+    cfg, t = job.cfg, job.cfg.train
+    if job.cfg.parallel.engine != "ddp":
+        raise UserError("bigtrain plan --simulate runs parallel.engine=ddp only: DeepSpeed's engine does not run "
+                        "under fake tensors (its ZeRO figures stay the analytical ones)")
+    if dist.is_initialized():
+        raise RuntimeError("simulated_peak needs to own the (fake) default process group")
+    import unittest.mock
+
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    import bigtrain.parallel.random as rng_module
+
+    def real_copy(state, _copy=rng_module._copy):  # RNG states stay real tensors (a fake one cannot be set)
+        with unset_fake_temporarily():
+            return _copy(state)
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=job.world)
+    try:
+        with unittest.mock.patch.object(rng_module, "_copy", real_copy):
+            dims = ParallelDims.build(job.world, 0, job.tp, job.dp, sequence_parallel=job.sp)
+            rng = seed_rng(t.seed, dims)
+            device = torch.device("cpu")
+            with FakeTensorMode(allow_non_fake_inputs=True):  # the RNG states a replay restores are real
+                # built on the (fake) CPU directly: the values do not matter, and init_weights'
+                # to_empty cannot swap fake parameters
+                model = parallelize(build_model(cfg.model, device=device), dims, rng)
+                apply_recompute(model, dims, cfg.recompute, spans, rng)
+                engine = build_engine(model, dims, job, device)
+                optimizer = engine.optimizer
+                tokens = torch.randint(0, cfg.model.vocab_size, (t.micro_batch_size, t.seq_len + 1))
+                tracker = MemTracker()
+                tracker.track_external(model, optimizer)
+                with tracker:
+                    for _ in range(steps):
+                        for i in range(job.accum):
+                            tracker.reset_mod_stats()
+                            with engine.accumulate(last=i == job.accum - 1):
+                                with job.autocast():
+                                    logits = engine.model(tokens[:, :-1])
+                                loss = cross_entropy(logits, tokens[:, 1:], group=dims.tp_group,
+                                                     vocab_size=cfg.model.vocab_size)
+                                del logits
+                                engine.backward(loss)
+                                del loss
+                        # TorchEngine.step, less reading the norm back (a fake tensor has no value)
+                        sync_sequence_parallel_grads(model, dims)
+                        if cfg.optim.grad_clip > 0:
+                            clip_grad_norm(model, cfg.optim.grad_clip, dims)
+                        else:
+                            grad_norm(model, dims)
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                snap = tracker.get_tracker_snapshot("peak")
+    finally:
+        dist.destroy_process_group()
+    per_device = next(iter(snap.values()))
+    return {str(getattr(k, "value", k)): v for k, v in per_device.items()}

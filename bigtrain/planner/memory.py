@@ -185,13 +185,22 @@ def estimate(job: Job, spans: list[Span], policy: str = "", n: Params | None = N
     peak_bwd = max(peak_bwd, cur + grads + (emb if tied_or_kept else 0))
     phases["backward"] = peak_bwd
     phases["optimizer step"] = st.params + st.grads + st.optimizer + st.buffers + st.step_temp + pool
+    # A checkpoint save (bigtrain.state.save_state, every train.save_every steps and at the end):
+    # between steps, inside engine.full_parameters() -- ZeRO-3 gathers every parameter at once --
+    # each parameter is copied to the host (.cpu().clone(): on the CPU, a copy in the same memory).
+    pe = job.cfg.parallel
+    full = (2 if pe.engine == "deepspeed" and job.bf16 else 4) * n.total
+    kept_between = st.grads if pe.engine == "deepspeed" or job.dp > 1 else 0  # partitions, DDP buckets
+    gathered = full - st.params if pe.engine == "deepspeed" and pe.zero_stage == 3 else 0
+    phases["checkpoint save"] = (st.params + st.optimizer + st.buffers + kept_between + pool + gathered
+                                 + (full if on_cpu else 0))
     # What is resident at the peak, by component (they add up to the peak).
     states = {"parameters": st.params, "gradients": st.grads, "optimizer states": st.optimizer,
               "communication buffers": st.buffers}
     peak_phase = max(phases, key=phases.get)
-    if peak_phase == "optimizer step":
+    if peak_phase in ("optimizer step", "checkpoint save"):
         components = {**states, "activations (blocks)": 0, "activations (embedding, norm, loss)": 0,
-                      "transient (logits, replay, optimizer)": st.step_temp}
+                      "transient (logits, replay, optimizer)": phases[peak_phase] - sum(states.values()) - pool}
     else:
         components = {**states, "gradients": grads_up_front, "activations (blocks)": sum(kept_dev),
                       "activations (embedding, norm, loss)": outside}

@@ -224,3 +224,30 @@ def simulated_peak(job: Job, spans: list[Span] | None = None, steps: int = 2) ->
         dist.destroy_process_group()
     per_device = next(iter(snap.values()))
     return {str(getattr(k, "value", k)): v for k, v in per_device.items()}
+
+
+def simulate_configured(job: Job) -> dict:
+    """`bigtrain plan --simulate`: the configured policy's planned peak next to rank 0's simulated
+    one (simulated_peak, 2 steps), for the job resolved on the CPU; seconds and the process's
+    peak RSS so far."""
+    import resource
+    import time
+
+    from bigtrain.planner.memory import estimate
+    from bigtrain.planner.search import choose_policy, mixed_name
+    from bigtrain.config import parse_bytes
+    from bigtrain.recompute.policy import spans_of
+
+    r = job.cfg.recompute
+    if r.granularity == "auto":
+        spans = choose_policy(job, parse_bytes(r.memory_budget)).spans
+    else:
+        spans = spans_of(r, job.cfg.model.n_layers)
+    est = estimate(job, spans, mixed_name(spans))
+    t0 = time.perf_counter()
+    sim = simulated_peak(job, spans, steps=2)
+    seconds = time.perf_counter() - t0
+    return {"device": "cpu", "policy": est.policy, "planned_peak_bytes": est.peak, "planned_phase": est.peak_phase,
+            "simulated_peak_bytes": sim["Total"], "simulated_by_category": sim,
+            "error": est.peak / sim["Total"] - 1, "seconds": seconds,
+            "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}

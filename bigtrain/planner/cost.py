@@ -9,7 +9,10 @@ These rank policies against each other; they are not measurements.
 from __future__ import annotations
 
 from bigtrain.config import parse_bytes
-from bigtrain.job import Job
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # bigtrain.job imports the planner's formula: no import cycle at run time
+    from bigtrain.job import Job
 from bigtrain.planner.formula import span_bytes
 from bigtrain.recompute.policy import Span, keep_last_on_device
 

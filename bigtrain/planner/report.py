@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from bigtrain.config import parse_bytes
 from bigtrain.errors import UserError
-from bigtrain.job import Job
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # bigtrain.job imports the planner's formula: no import cycle at run time
+    from bigtrain.job import Job
 from bigtrain.planner.memory import GiB, Estimate, estimate, rank_params
 from bigtrain.planner.search import alternatives, choose_policy, mixed_name
 from bigtrain.recompute.policy import spans_of

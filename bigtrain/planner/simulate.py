@@ -6,7 +6,10 @@ from __future__ import annotations
 import torch
 
 from bigtrain.errors import UserError
-from bigtrain.job import Job
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # bigtrain.job imports the planner's formula: no import cycle at run time
+    from bigtrain.job import Job
 from bigtrain.model import build_model
 from bigtrain.parallel.dims import ParallelDims
 from bigtrain.recompute.policy import Span

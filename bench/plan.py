@@ -110,6 +110,7 @@ SIMULATE = {  # configs/debug.yaml, fp32, vocab 512, seq 256, micro-batch 8, n_k
     "tp4 sp selective(norm,mlp)": ["parallel.tp=4", "parallel.sequence_parallel=true", "recompute.granularity=selective",
                                    "recompute.modules=norm,mlp"],
     "tp8": ["parallel.tp=8"],
+    "tp8 full": ["parallel.tp=8", "recompute.granularity=full"],
     "tp8 full partition, accumulation 2": ["parallel.tp=8", "recompute.granularity=full", "recompute.partition=true",
                                            "train.global_batch_size=16"],
     "tp8 sp full": ["parallel.tp=8", "parallel.sequence_parallel=true", "recompute.granularity=full"],

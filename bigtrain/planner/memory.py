@@ -170,7 +170,7 @@ def estimate(job: Job, spans: list[Span], policy: str = "", n: Params | None = N
     # is the first one backward allocates. Each span: its kept tensors, the incoming gradient,
     # its backward's transients (replays, temporaries, its gradients as they are made).
     grads = head.grads
-    cur = base + sum(kept_dev) + ids + D
+    cur = base + sum(kept_dev) + ids  # the incoming gradient (D) is part of each span's profile
     for i in range(len(spans) - 1, -1, -1):
         span = spans[i]
         # An offloaded span's kept tensors come back to the device for its backward, and the
@@ -185,7 +185,7 @@ def estimate(job: Job, spans: list[Span], policy: str = "", n: Params | None = N
     # into the existing one (a temporary of the same size).
     emb = 4 * v_local * job.cfg.model.dim
     tied_or_kept = job.cfg.model.tie_embeddings or persistent
-    peak_bwd = max(peak_bwd, cur + grads + (emb if tied_or_kept else 0))
+    peak_bwd = max(peak_bwd, cur + D + grads + (emb if tied_or_kept else 0))
     phases["backward"] = peak_bwd
     phases["optimizer step"] = st.params + st.grads + st.optimizer + st.buffers + st.step_temp + pool
     # A checkpoint save (bigtrain.state.save_state, every train.save_every steps and at the end):

@@ -60,7 +60,7 @@ class LiveBytes(TorchDispatchMode):
 @dataclass(frozen=True)
 class Profile:
     fwd_peak: int  # above the live bytes before the span's forward (input included)
-    bwd_peak: int  # above the live bytes at the start of its backward (kept + incoming gradient)
+    bwd_peak: int  # above the live bytes at the start of its backward (its kept tensors; the incoming gradient is made inside)
     grads: int  # parameter gradients its backward leaves allocated (0 when they existed)
 
 
@@ -160,15 +160,26 @@ def _run(cfg, span, dims, b, s, bf16, persistent, held) -> Profile:
             with hold, autocast:
                 y = runner(x, rope)
             fwd_peak = live.peak - start
-            g = torch.zeros_like(y)
+            # The incoming gradient is made fresh inside backward, owned by autograd alone (as the
+            # next span's backward hands it over): autograd may then accumulate into it in place.
             start = live.restart_peak()
-            y.backward(g)
+            _FreshGrad.apply(y).sum().backward()
             bwd_peak = live.peak - start
             del y, holder
             # what stays: parameter gradients (when new) and x.grad (which replaces g)
             grads = 0 if persistent else sum(p.grad.untyped_storage().nbytes() for p in model.parameters()
                                              if p.grad is not None)
     return Profile(fwd_peak, bwd_peak, grads)
+
+
+class _FreshGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y):
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, g):
+        return torch.zeros(g.shape, dtype=g.dtype, device=g.device)
 
 
 class _null:

@@ -1,11 +1,14 @@
 """The planner's predictions next to what really happens, in one run:
 
-    .venv/bin/python bench/plan.py [--skip-fake]
+    .venv/bin/python bench/plan.py [--skip-fake] [--matrix-only]
 
 1. activation bytes kept for backward: the formula vs the saved-bytes accountant on real CPU
    tensors (debug and 125M presets, seq 256, micro-batch 1, fp32), per recompute mode;
 2. the whole step's peak: the planner vs MemTracker over two real training steps of the 1B
-   preset under fake tensors (every op and allocation runs, no memory is used).
+   preset under fake tensors (every op and allocation runs, no memory is used);
+3. the generated matrix (bigtrain.planner.measure.MATRIX): the planner's peak vs the real
+   single-process trainer's (MemTracker over 2 real Trainer.train_step() calls on CPU tensors);
+4. rank 0 of tp=2/4/8 layouts under fake tensors with torch's fake process group vs the plan.
 """
 
 from __future__ import annotations
@@ -71,14 +74,79 @@ def activations(preset: str, seq: int) -> list[str]:
     return rows
 
 
+def matrix() -> None:
+    import tempfile
+
+    from bigtrain.data.prepare import prepare
+    from bigtrain.planner.measure import MATRIX, matrix_config, measured_peak, planned
+    from tests.conftest import _corpus_text
+
+    tmp = Path(tempfile.mkdtemp())
+    (tmp / "corpus.txt").write_text(_corpus_text())
+    prepare([str(tmp / "corpus.txt")], str(tmp / "data"), vocab_size=400)
+    print("\n## Peak of a training step: planner vs the real trainer (CPU tensors, MemTracker, 2 steps)\n")
+    print("Base: configs/debug.yaml + " + " ".join(__import__("bigtrain.planner.simulate", fromlist=["x"]).MATRIX_BASE)
+          + ", fp32. Offload cases: the host pool's 1 GiB chunk is the same memory on the CPU and is counted; "
+          "the last column is the error without it.\n")
+    print("| case | policy | predicted MiB | measured MiB | error | error without the host pool |")
+    print("|---|---|---|---|---|---|")
+    for case in MATRIX:
+        cfg = matrix_config(case, str(tmp / "data"), str(tmp / "run"))
+        est = planned(cfg)
+        real = measured_peak(cfg, steps=2)
+        rest = ""
+        if real["host pool"]:
+            r = real["Total"] - real["host pool"]
+            rest = f"{100 * ((est.peak - est.host_pinned) / r - 1):+.2f}%"
+        print(f"| {case} | {est.policy} | {est.peak / MiB:.2f} | {real['Total'] / MiB:.2f} | "
+              f"{100 * (est.peak / real['Total'] - 1):+.2f}% | {rest} |", flush=True)
+
+
+SIMULATE = {  # configs/debug.yaml, fp32, vocab 512, seq 256, micro-batch 8, n_kv_heads 8
+    "tp2": ["parallel.tp=2"],
+    "tp2 sp": ["parallel.tp=2", "parallel.sequence_parallel=true"],
+    "tp2 full": ["parallel.tp=2", "recompute.granularity=full"],
+    "tp4 full partition": ["parallel.tp=4", "recompute.granularity=full", "recompute.partition=true"],
+    "tp4 sp selective(norm,mlp)": ["parallel.tp=4", "parallel.sequence_parallel=true", "recompute.granularity=selective",
+                                   "recompute.modules=norm,mlp"],
+    "tp8": ["parallel.tp=8"],
+    "tp8 full": ["parallel.tp=8", "recompute.granularity=full"],
+    "tp8 full partition, accumulation 2": ["parallel.tp=8", "recompute.granularity=full", "recompute.partition=true",
+                                           "train.global_batch_size=16"],
+    "tp8 sp full": ["parallel.tp=8", "parallel.sequence_parallel=true", "recompute.granularity=full"],
+}
+
+
+def simulate() -> None:
+    print("\n## Rank 0 of tp > 1 under fake tensors and torch's fake process group vs the plan (2 steps)\n")
+    print("| layout | predicted MiB | simulated MiB | error | seconds |")
+    print("|---|---|---|---|---|")
+    base = ["train.dtype=fp32", "model.vocab_size=512", "train.seq_len=256", "train.micro_batch_size=8",
+            "train.global_batch_size=8", "model.n_kv_heads=8"]
+    for name, extra in SIMULATE.items():
+        cfg = load_config("configs/debug.yaml", [*base, *extra])
+        job = resolve(cfg, cfg.parallel.tp, "cpu")
+        spans = spans_of(cfg.recompute, cfg.model.n_layers)
+        est = P.estimate(job, spans)
+        t0 = time.perf_counter()
+        sim = P.simulated_peak(job, spans, steps=2)["Total"]
+        print(f"| {name} | {est.peak / MiB:.2f} | {sim / MiB:.2f} | {100 * (est.peak / sim - 1):+.2f}% | "
+              f"{time.perf_counter() - t0:.1f} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--skip-fake", action="store_true")
+    ap.add_argument("--matrix-only", action="store_true", help="only sections 3 and 4")
     a = ap.parse_args()
     torch.manual_seed(0)
     print(f"# bench/plan.py, {time.strftime('%Y-%m-%d')}: {platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}\n")
+    if a.matrix_only:
+        matrix()
+        simulate()
+        return
     print(f"## Kept activations: formula vs accountant (real CPU tensors, fp32, seq {a.seq}, micro-batch 1)\n")
     print("| preset | mode | predicted device MiB | measured device MiB | predicted host MiB | measured host MiB "
           "| predicted outside MiB | measured outside MiB | predicted / measured |")
@@ -98,6 +166,8 @@ def main() -> None:
         fake = P.fake_peak(resolve(cfg, 1, "cpu"), steps=2)["Total"]
         print(f"| {case} | {est.peak / GiB:.3f} | {est.peak_phase} | {fake / GiB:.3f} | {est.peak / fake:.4f} | "
               f"{time.perf_counter() - t0:.0f} |", flush=True)
+    matrix()
+    simulate()
 
 
 if __name__ == "__main__":

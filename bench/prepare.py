@@ -93,7 +93,7 @@ def main() -> None:
                 tokens = meta["train_tokens"] + meta["val_tokens"]
                 digests.add(digest(root / f"out{w}"))
         print(f"after:  {uptime()}")
-        print(f"\n| workers | best s | MB/s | Mtokens/s | CPU s |\n|---|---|---|---|---|")
+        print("\n| workers | best s | MB/s | Mtokens/s | CPU s |\n|---|---|---|---|---|")
         for w, s in best.items():
             print(f"| {w} | {s:.2f} | {mb / s:.2f} | {tokens / s / 1e6:.2f} | {cpu[w]:.2f} |")
         same = "identical" if len(digests) == 1 else f"DIFFERENT ({sorted(digests)})"

@@ -45,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="what the run will train on (default: cuda)")
     pl.add_argument("--json", action="store_true", help="print the report as JSON")
     pl.add_argument("--plot", default=None, metavar="FILE.png", help="draw memory per policy (stacked components)")
+    pl.add_argument("--simulate", action="store_true",
+                    help="also dry-run two real training steps of rank 0 (fake tensors, fake process group: no "
+                         "memory, no other process) and compare its peak with the plan's, on the CPU code path")
     pl.add_argument("overrides", nargs="*", metavar="key.sub=value")
 
     sa = sub.add_parser("sample", help="generate text from a run's checkpoint")
@@ -258,6 +261,8 @@ def _plan(args) -> int:
     budget = parse_bytes(args.gpu_memory or cfg.hardware.gpu_memory,
                          "--gpu-memory" if args.gpu_memory else "hardware.gpu_memory")
     rep = planner.report(resolve(cfg, world, args.device), budget)
+    if args.simulate:
+        rep["simulated"] = planner.simulate_configured(resolve(cfg, world, "cpu"))
     print(json.dumps(rep, indent=1) if args.json else planner.format_report(rep))
     if args.plot:
         planner.plot(rep, args.plot)

@@ -17,7 +17,7 @@ import torch
 
 from bigtrain.config import DataConfig, load_config
 from bigtrain.data import mixture
-from bigtrain.data.dataset import BatchLoader, TokenDataset
+from bigtrain.data.dataset import BatchLoader
 from bigtrain.data.mixture import MixtureLoader, Source, data_meta, open_sources
 from bigtrain.errors import ConfigError, UserError
 

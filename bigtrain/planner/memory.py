@@ -22,7 +22,8 @@ from bigtrain.job import Job
 from bigtrain.model import build_model
 from bigtrain.parallel.dims import ParallelDims
 from bigtrain.planner.cost import overhead
-from bigtrain.planner.formula import outside_tensors, saved_tensors, span_bytes
+from bigtrain.planner.profile import head_profile, span_profile
+from bigtrain.planner.formula import outside_tensors, span_bytes
 from bigtrain.recompute.policy import Span, keep_last_on_device
 from bigtrain.recompute.saved import CHUNK_BYTES
 
@@ -124,62 +125,97 @@ def estimate(job: Job, spans: list[Span], policy: str = "", n: Params | None = N
     n = n or rank_params(job)
     st = model_states(job, n)
     sh = job.shape
+    on_cpu = job.device == "cpu"
     min_bytes = parse_bytes(job.cfg.recompute.offload_min_size)
     kept = [span_bytes(sh, s, min_bytes) for s in spans]
     kept_dev = [d for d, _ in kept]
-    outside = sum(outside_tensors(sh, job.padded_vocab).values())
-    S, v_local = sh.b * sh.s, job.padded_vocab // job.tp
-    # End of forward: the logits (elem bytes) while the loss makes its fp32 softmax; with bf16
-    # logits at tp=1, F.cross_entropy also makes an fp32 copy first.
-    logits_fwd = sh.elem * S * v_local + (4 * S * v_local if sh.elem == 2 and job.tp == 1 else 0)
-    # Start of backward. tp=1: F.cross_entropy's two fp32 gradients (of the log-probabilities,
-    # then of the logits) live together. tp>1: the vocab-parallel loss turns its kept softmax
-    # into the gradient in place; only a bf16 copy is new.
-    logits_bwd = 8 * S * v_local if job.tp == 1 else (sh.elem * S * v_local if sh.elem == 2 else 0)
-    grads_up_front = st.grads if st.grads_persistent else 0
-    base = st.params + st.optimizer + st.buffers + grads_up_front
     host_of = [h for _, h in kept]
-    # Two spans of device->host copies may be in flight: at the end of forward the last
+    offloaded = sum(host_of)
+    pinned = -(-offloaded // CHUNK_BYTES) * CHUNK_BYTES  # the pool pins whole chunks
+    outs = outside_tensors(sh, job.padded_vocab)
+    outside = sum(outs.values())
+    ids = outs["embedding.ids"] + outs.get("embedding.dropout_mask", 0)  # kept until the embedding's backward
+    S, v_local = sh.b * sh.s, job.padded_vocab // job.tp
+    Sr = S // job.tp if sh.sp else S
+    D = 4 * Sr * job.cfg.model.dim  # one residual-stream tensor (fp32): a block's input, its gradient
+    persistent = st.grads_persistent
+    grads_up_front = st.grads if persistent else 0
+    # On the CPU the host pool is the same memory as everything else: its whole chunks count.
+    pool = pinned if on_cpu else 0
+    base = st.params + st.optimizer + st.buffers + grads_up_front + pool
+    # The transients of each span's forward and backward, from its real code on fake tensors.
+    prof = [span_profile(sh, s.stop - s.start, s.checkpointed, tuple(s.modules), persistent, held=h > 0,
+                         partition=s.partition) for s, h in zip(spans, host_of)]
+
+    # Forward, span by span: what the earlier spans keep, this span's input and its transients.
+    fwd = base + ids
+    peak_fwd = 0
+    for i, span in enumerate(spans):
+        peak_fwd = max(peak_fwd, fwd + D + prof[i].fwd_peak)
+        fwd += kept_dev[i]
+    # Two spans of device->host copies may be in flight (CUDA): at the end of forward the last
     # offloaded span's tensors may still be on the device.
-    in_flight = next((h for h in reversed(host_of) if h), 0)
-    phases = {"forward": base + sum(kept_dev) + outside + logits_fwd + in_flight}
-    # Backward, span by span from the last: kept bytes are freed as gradients are allocated;
-    # a checkpointed span first replays its blocks (their none-mode activations).
-    # Gradients allocated by backward itself (when they do not exist up front): the output
-    # layer's first, then each block's as its backward runs (the embedding's comes last).
-    grad_bytes = 0 if st.grads_persistent else st.grads // max(1, n.total)
-    cur = base + sum(kept_dev) + outside
-    peak_bwd = cur + logits_bwd  # before the output layer's backward allocates its gradient
-    grads = grad_bytes * n.output
-    none_block = sum(saved_tensors(sh).values())
+    in_flight = 0 if on_cpu else next((h for h in reversed(host_of) if h), 0)
+    head = head_profile(sh, persistent)  # final norm, output layer, loss: their real code on fake tensors
+    end_fwd = base + sum(kept_dev) + ids + outs["norm.input"] + head.fwd_peak + in_flight
+    phases = {"forward": max(peak_fwd, end_fwd)}
+    # Backward. The head's (loss, output layer, final norm) first, while everything the forward
+    # kept is still there.
+    peak_bwd = base + sum(kept_dev) + outside + head.bwd_peak
+    # Then the output layer and the final norm free what they kept; the output layer's gradient
+    # is the first one backward allocates. Each span: its kept tensors, the incoming gradient,
+    # its backward's transients (replays, temporaries, its gradients as they are made).
+    grads = head.grads
+    cur = base + sum(kept_dev) + ids  # the incoming gradient (D) is part of each span's profile
     for i in range(len(spans) - 1, -1, -1):
-        span, dev = spans[i], kept_dev[i]
-        replay = none_block * (span.stop - span.start) if span.checkpointed else 0
         # An offloaded span's kept tensors come back to the device for its backward, and the
         # nearest earlier span with host copies is prefetched meanwhile (any span's backward
         # prefetches it, offloaded or not).
         prefetched = next((h for h in reversed(host_of[:i]) if h), 0)
         back = host_of[i] + prefetched
-        peak_bwd = max(peak_bwd, cur + grads + replay + back)
-        cur -= dev
-        grads += grad_bytes * n.per_block * (span.stop - span.start)
+        peak_bwd = max(peak_bwd, cur + grads + prof[i].bwd_peak + back)
+        cur -= kept_dev[i]
+        grads += prof[i].grads if not persistent else 0
+    # The embedding's backward makes a dense (v, h) gradient; tied or accumulated, it is added
+    # into the existing one (a temporary of the same size).
+    emb = 4 * v_local * job.cfg.model.dim
+    tied_or_kept = job.cfg.model.tie_embeddings or persistent
+    peak_bwd = max(peak_bwd, cur + D + grads + (emb if tied_or_kept else 0))
     phases["backward"] = peak_bwd
-    phases["optimizer step"] = st.params + st.grads + st.optimizer + st.buffers + st.step_temp
-    # What is resident at the peak, by component (they add up to the peak).
+    phases["optimizer step"] = st.params + st.grads + st.optimizer + st.buffers + st.step_temp + pool
+    phases["checkpoint save"] = _save_phase(job, st, n) + pool
+    activations = {"gradients": grads_up_front, "activations (blocks)": sum(kept_dev),
+                   "activations (embedding, norm, loss)": outside}
+    components = _components(phases, st, activations, pool)
+    return Estimate(policy, spans, components, phases, st.host + offloaded, pinned, overhead(job, n, spans),
+                    sum(kept_dev))
+
+
+def _save_phase(job: Job, st: States, n: Params) -> int:
+    """A checkpoint save (bigtrain.state.save_state, every train.save_every steps and at the end):
+    between steps, inside engine.full_parameters() -- ZeRO-3 gathers every parameter at once --
+    each parameter is copied to the host (.cpu().clone(): on the CPU, a copy in the same memory)."""
+    pe = job.cfg.parallel
+    full = (2 if pe.engine == "deepspeed" and job.bf16 else 4) * n.total
+    kept_between = st.grads if pe.engine == "deepspeed" or job.dp > 1 else 0  # partitions, DDP buckets
+    gathered = full - st.params if pe.engine == "deepspeed" and pe.zero_stage == 3 else 0
+    return st.params + st.optimizer + st.buffers + kept_between + gathered + (full if job.device == "cpu" else 0)
+
+
+def _components(phases: dict, st: States, activations: dict, pool: int) -> dict:
+    """What is resident at the peak, by component (they add up to the peak). `activations`: the
+    gradients that exist up front and the kept activations, resident in forward and backward."""
     states = {"parameters": st.params, "gradients": st.grads, "optimizer states": st.optimizer,
               "communication buffers": st.buffers}
     peak_phase = max(phases, key=phases.get)
-    if peak_phase == "optimizer step":
+    if peak_phase in ("optimizer step", "checkpoint save"):
         components = {**states, "activations (blocks)": 0, "activations (embedding, norm, loss)": 0,
-                      "transient (logits, replay, optimizer)": st.step_temp}
+                      "transient (logits, replay, optimizer)": phases[peak_phase] - sum(states.values()) - pool}
     else:
-        components = {**states, "gradients": grads_up_front, "activations (blocks)": sum(kept_dev),
-                      "activations (embedding, norm, loss)": outside}
-        components["transient (logits, replay, optimizer)"] = phases[peak_phase] - sum(components.values())
-    offloaded = sum(host_of)
-    pinned = -(-offloaded // CHUNK_BYTES) * CHUNK_BYTES  # the pool pins whole chunks
-    return Estimate(policy, spans, components, phases, st.host + offloaded, pinned, overhead(job, n, spans),
-                    sum(kept_dev))
+        components = {**states, **activations}
+        components["transient (logits, replay, optimizer)"] = phases[peak_phase] - sum(components.values()) - pool
+    components["host pool (on the CPU: same memory)"] = pool
+    return components
 
 
 def offload_reservation(job: Job, spans: list[Span]) -> tuple[int, int]:

@@ -73,6 +73,12 @@ def format_report(rep: dict) -> str:
                      f"step time (set recompute.granularity=auto recompute.memory_budget=... to get it per block)")
     else:
         lines.append(f"recommendation: none -- {rep['nothing_fits']}")
+    sim = rep.get("simulated")
+    if sim:
+        lines += ["", f"dry run (rank 0, 2 real training steps on fake tensors with a fake process group, CPU code "
+                      f"path), policy {sim['policy']}: simulated peak {g(sim['simulated_peak_bytes'])} GiB, planned "
+                      f"{g(sim['planned_peak_bytes'])} GiB ({100 * sim['error']:+.2f}%), {sim['seconds']:.0f} s, "
+                      f"max RSS {sim['max_rss_bytes'] / GiB:.2f} GiB"]
     return "\n".join(lines)
 
 

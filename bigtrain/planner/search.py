@@ -8,7 +8,7 @@ from dataclasses import replace
 
 from bigtrain.config import Config, parse_bytes
 from bigtrain.errors import UserError
-from bigtrain.job import Job, resolve
+from bigtrain.job import Job
 from bigtrain.planner.memory import GiB, Estimate, Params, estimate, rank_params
 from bigtrain.recompute.policy import Span
 
@@ -94,6 +94,8 @@ def smallest_policy(job: Job, n: Params | None = None) -> Estimate:
 
 def suggestions(job: Job, budget: int) -> list[str]:
     """What would fit instead: more tensor parallelism, a smaller micro-batch, optimizer offload."""
+    from bigtrain.job import resolve
+
     out, cfg = [], job.cfg
     # more GPUs for the same data-parallel size
     tries = [(f"parallel.tp={tp} (with {tp * job.dp} GPUs)", {"parallel.tp": tp}, tp * job.dp)

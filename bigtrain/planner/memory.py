@@ -148,11 +148,7 @@ def estimate(job: Job, spans: list[Span], policy: str = "", n: Params | None = N
                          partition=s.partition) for s, h in zip(spans, host_of)]
 
     # Forward, span by span: what the earlier spans keep, this span's input and its transients.
-    fwd = base + ids
-    peak_fwd = 0
-    for i, span in enumerate(spans):
-        peak_fwd = max(peak_fwd, fwd + D + prof[i].fwd_peak)
-        fwd += kept_dev[i]
+    peak_fwd = max((base + ids + sum(kept_dev[:i]) + D + p.fwd_peak for i, p in enumerate(prof)), default=0)
     # Two spans of device->host copies may be in flight (CUDA): at the end of forward the last
     # offloaded span's tensors may still be on the device.
     in_flight = 0 if on_cpu else next((h for h in reversed(host_of) if h), 0)
@@ -178,9 +174,8 @@ def estimate(job: Job, spans: list[Span], policy: str = "", n: Params | None = N
         grads += prof[i].grads if not persistent else 0
     # The embedding's backward makes a dense (v, h) gradient; tied or accumulated, it is added
     # into the existing one (a temporary of the same size).
-    emb = 4 * v_local * job.cfg.model.dim
-    tied_or_kept = job.cfg.model.tie_embeddings or persistent
-    peak_bwd = max(peak_bwd, cur + D + grads + (emb if tied_or_kept else 0))
+    emb = 4 * v_local * job.cfg.model.dim if job.cfg.model.tie_embeddings or persistent else 0
+    peak_bwd = max(peak_bwd, cur + D + grads + emb)
     phases["backward"] = peak_bwd
     phases["optimizer step"] = st.params + st.grads + st.optimizer + st.buffers + st.step_temp + pool
     phases["checkpoint save"] = _save_phase(job, st, n) + pool

@@ -70,13 +70,29 @@ def span_profile(shape, blocks: int, checkpointed: bool, modules: tuple, persist
     import dataclasses
 
     m = tuple(sorted(dataclasses.asdict(shape.model).items()))
-    return _profile(m, shape.b, shape.s, shape.tp, shape.sp, shape.autocast, blocks, checkpointed, tuple(modules), persistent, held,
-                    partition and shape.tp > 1 and not shape.sp)
+    return _profile(SpanKey(m, shape.b, shape.s, shape.tp, shape.sp, shape.autocast, blocks, checkpointed,
+                            tuple(modules), persistent, held, partition and shape.tp > 1 and not shape.sp))
+
+
+@dataclass(frozen=True)
+class SpanKey:
+    """What a span's profile depends on, hashable (the cache key of _profile)."""
+    model_items: tuple  # the ModelConfig's fields, sorted
+    b: int
+    s: int
+    t: int
+    sp: bool
+    bf16: bool
+    blocks: int
+    checkpointed: bool
+    modules: tuple
+    persistent: bool
+    held: bool
+    partition: bool
 
 
 @functools.lru_cache(maxsize=512)
-def _profile(model_items: tuple, b: int, s: int, t: int, sp: bool, bf16: bool, blocks: int, checkpointed: bool,
-             modules: tuple, persistent: bool, held: bool, partition: bool) -> Profile:
+def _profile(key: SpanKey) -> Profile:
     """One span of `blocks` blocks under (checkpointed, modules), at this rank's shape, on fake
     tensors. Tensor parallelism runs rank 0's shards with the real collectives on torch's fake
     process-group backend (initialised for the profile when there is no process group: `bigtrain
@@ -92,6 +108,9 @@ def _profile(model_items: tuple, b: int, s: int, t: int, sp: bool, bf16: bool, b
     from bigtrain.parallel.dims import ParallelDims
     from bigtrain.recompute.policy import Span
 
+    model_items, b, s, t, sp, bf16 = key.model_items, key.b, key.s, key.t, key.sp, key.bf16
+    blocks, checkpointed, modules, persistent = key.blocks, key.checkpointed, key.modules, key.persistent
+    held, partition = key.held, key.partition
     m = ModelConfig(**dict(model_items))
     cfg = replace(m, n_layers=blocks, vocab_size=8 * t)
     own_pg = t > 1 and not dist.is_initialized()

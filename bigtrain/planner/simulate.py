@@ -62,8 +62,7 @@ def simulated_peak(job: Job, spans: list[Span] | None = None, steps: int = 2) ->
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     from bigtrain.engines import build_engine
-    from bigtrain.parallel.loss import cross_entropy
-    from bigtrain.parallel.parallelize import clip_grad_norm, grad_norm, parallelize, sync_sequence_parallel_grads
+    from bigtrain.parallel.parallelize import parallelize
     from bigtrain.parallel.random import seed_rng
     from bigtrain.recompute.policy import apply_recompute
 
@@ -96,38 +95,45 @@ def simulated_peak(job: Job, spans: list[Span] | None = None, steps: int = 2) ->
                 model = parallelize(build_model(cfg.model, device=device), dims, rng)
                 apply_recompute(model, dims, cfg.recompute, spans, rng)
                 engine = build_engine(model, dims, job, device)
-                optimizer = engine.optimizer
-                tokens = torch.randint(0, cfg.model.vocab_size, (t.micro_batch_size, t.seq_len + 1))
                 tracker = MemTracker()
-                tracker.track_external(model, optimizer)
+                tracker.track_external(model, engine.optimizer)
                 with tracker:
-                    for _ in range(steps):
-                        # Two micro-batches stand for all of them: from the second on, every one
-                        # meets the same memory (gradients exist); 1024 would take 512 times longer.
-                        micro = min(job.accum, 2)
-                        for i in range(micro):
-                            tracker.reset_mod_stats()
-                            with engine.accumulate(last=i == micro - 1):
-                                with job.autocast():
-                                    logits = engine.model(tokens[:, :-1])
-                                loss = cross_entropy(logits, tokens[:, 1:], group=dims.tp_group,
-                                                     vocab_size=cfg.model.vocab_size)
-                                del logits
-                                engine.backward(loss)
-                                del loss
-                        # TorchEngine.step, less reading the norm back (a fake tensor has no value)
-                        sync_sequence_parallel_grads(model, dims)
-                        if cfg.optim.grad_clip > 0:
-                            clip_grad_norm(model, cfg.optim.grad_clip, dims)
-                        else:
-                            grad_norm(model, dims)
-                        optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
+                    _fake_steps(job, model, engine, dims, steps, tracker)
                 snap = tracker.get_tracker_snapshot("peak")
     finally:
         dist.destroy_process_group()
     per_device = next(iter(snap.values()))
     return {str(getattr(k, "value", k)): v for k, v in per_device.items()}
+
+
+def _fake_steps(job: Job, model, engine, dims: ParallelDims, steps: int, tracker) -> None:
+    """`steps` training steps of rank 0 as the trainer runs them, on fake tensors."""
+    from bigtrain.parallel.loss import cross_entropy
+    from bigtrain.parallel.parallelize import clip_grad_norm, grad_norm, sync_sequence_parallel_grads
+
+    cfg, t = job.cfg, job.cfg.train
+    tokens = torch.randint(0, cfg.model.vocab_size, (t.micro_batch_size, t.seq_len + 1))
+    for _ in range(steps):
+        # Two micro-batches stand for all of them: from the second on, every one meets the same
+        # memory (gradients exist); 1024 would take 512 times longer.
+        micro = min(job.accum, 2)
+        for i in range(micro):
+            tracker.reset_mod_stats()
+            with engine.accumulate(last=i == micro - 1):
+                with job.autocast():
+                    logits = engine.model(tokens[:, :-1])
+                loss = cross_entropy(logits, tokens[:, 1:], group=dims.tp_group, vocab_size=cfg.model.vocab_size)
+                del logits
+                engine.backward(loss)
+                del loss
+        # TorchEngine.step, less reading the norm back (a fake tensor has no value)
+        sync_sequence_parallel_grads(model, dims)
+        if cfg.optim.grad_clip > 0:
+            clip_grad_norm(model, cfg.optim.grad_clip, dims)
+        else:
+            grad_norm(model, dims)
+        engine.optimizer.step()
+        engine.optimizer.zero_grad(set_to_none=True)
 
 
 def simulate_configured(job: Job) -> dict:

@@ -193,3 +193,40 @@ def test_final_checkpoint_is_saved_before_the_final_evaluation(tiny_data, tmp_pa
     with pytest.raises(RuntimeError, match="evaluation failed"):
         Trainer(load_config("configs/debug.yaml", overrides(tiny_data, tmp_path / "run", "train.steps=2"))).train()
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "run")] == ["step_00000002"]
+
+
+IN_BACKGROUND_SAVE = """
+import os, signal, sys, threading, time
+import bigtrain.checkpoint as c
+real = c.write_file
+def write_file(path, obj):
+    if path.parent.name == ".tmp_step_00000006" and threading.current_thread() is not threading.main_thread():
+        os.kill(os.getpid(), getattr(signal, sys.argv[1]))  # while training goes on in the main thread
+        time.sleep(1.0)  # the write is still running when the main thread handles the signal
+    real(path, obj)
+c.write_file = write_file
+from bigtrain.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
+def test_signal_during_a_background_save(sig, tiny_data, tmp_path, reference_losses):
+    """train.async_save: a SIGKILL while the step-6 checkpoint is written in the background
+    leaves step 3 as the newest complete checkpoint; a SIGTERM then waits for that write, saves
+    the step it stops at and exits 0. Either way train.resume=auto gives the uninterrupted losses."""
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-c", IN_BACKGROUND_SAVE, sig,
+                        *_train_args(tiny_data, out, "train.async_save=true")],
+                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    names = [p.name for p in ckpt.list_checkpoints(out)]
+    if sig == "SIGKILL":
+        assert r.returncode == -signal.SIGKILL and names[-1] == "step_00000003", (r.returncode, names)
+    else:
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert "step_00000006" in names and names[-1] != "step_00000006", names  # 6 finished, then its own stop save
+        assert "stopping on SIGTERM" in r.stderr
+    run_cli(*_train_args(tiny_data, out, "train.resume=auto", "train.async_save=true"), check=True)
+    assert losses(out) == reference_losses
+    assert not list((out / "checkpoints").glob(".tmp_step_*"))

@@ -101,30 +101,14 @@ def matrix() -> None:
         print(f"| {case} | {est.policy} | {est.peak / MiB:.2f} | {real['Total'] / MiB:.2f} | "
               f"{100 * (est.peak / real['Total'] - 1):+.2f}% | {rest} |", flush=True)
 
-
-SIMULATE = {  # configs/debug.yaml, fp32, vocab 512, seq 256, micro-batch 8, n_kv_heads 8
-    "tp2": ["parallel.tp=2"],
-    "tp2 sp": ["parallel.tp=2", "parallel.sequence_parallel=true"],
-    "tp2 full": ["parallel.tp=2", "recompute.granularity=full"],
-    "tp4 full partition": ["parallel.tp=4", "recompute.granularity=full", "recompute.partition=true"],
-    "tp4 sp selective(norm,mlp)": ["parallel.tp=4", "parallel.sequence_parallel=true", "recompute.granularity=selective",
-                                   "recompute.modules=norm,mlp"],
-    "tp8": ["parallel.tp=8"],
-    "tp8 full": ["parallel.tp=8", "recompute.granularity=full"],
-    "tp8 full partition, accumulation 2": ["parallel.tp=8", "recompute.granularity=full", "recompute.partition=true",
-                                           "train.global_batch_size=16"],
-    "tp8 sp full": ["parallel.tp=8", "parallel.sequence_parallel=true", "recompute.granularity=full"],
-}
-
-
 def simulate() -> None:
     print("\n## Rank 0 of tp > 1 under fake tensors and torch's fake process group vs the plan (2 steps)\n")
     print("| layout | predicted MiB | simulated MiB | error | seconds |")
     print("|---|---|---|---|---|")
-    base = ["train.dtype=fp32", "model.vocab_size=512", "train.seq_len=256", "train.micro_batch_size=8",
-            "train.global_batch_size=8", "model.n_kv_heads=8"]
-    for name, extra in SIMULATE.items():
-        cfg = load_config("configs/debug.yaml", [*base, *extra])
+    from bigtrain.planner.measure import SIMULATE_BASE, SIMULATE_LAYOUTS
+
+    for name, extra in SIMULATE_LAYOUTS.items():
+        cfg = load_config("configs/debug.yaml", [*SIMULATE_BASE, *extra])
         job = resolve(cfg, cfg.parallel.tp, "cpu")
         spans = spans_of(cfg.recompute, cfg.model.n_layers)
         est = P.estimate(job, spans)

@@ -12,23 +12,10 @@ from bigtrain import planner as P
 from bigtrain.config import load_config
 from bigtrain.job import resolve
 from bigtrain.recompute.policy import spans_of
+from bigtrain.planner.measure import SIMULATE_BASE, SIMULATE_LAYOUTS
 from tests.conftest import run_cli
 
-BASE = ["train.dtype=fp32", "model.vocab_size=512", "train.seq_len=256", "train.micro_batch_size=8",
-        "train.global_batch_size=8", "model.n_kv_heads=8"]
-LAYOUTS = {
-    "tp2": ["parallel.tp=2"],
-    "tp2 sp": ["parallel.tp=2", "parallel.sequence_parallel=true"],
-    "tp2 full": ["parallel.tp=2", "recompute.granularity=full"],
-    "tp4 full partition": ["parallel.tp=4", "recompute.granularity=full", "recompute.partition=true"],
-    "tp4 sp selective": ["parallel.tp=4", "parallel.sequence_parallel=true", "recompute.granularity=selective",
-                         "recompute.modules=norm,mlp"],
-    "tp8": ["parallel.tp=8"],
-    "tp8 full": ["parallel.tp=8", "recompute.granularity=full"],
-    "tp8 full partition, accumulation 2": ["parallel.tp=8", "recompute.granularity=full", "recompute.partition=true",
-                                           "train.global_batch_size=16"],
-    "tp8 sp full": ["parallel.tp=8", "parallel.sequence_parallel=true", "recompute.granularity=full"],
-}
+BASE, LAYOUTS = SIMULATE_BASE, SIMULATE_LAYOUTS
 
 
 @pytest.mark.slow

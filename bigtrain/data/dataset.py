@@ -118,6 +118,14 @@ def _max_id(tokens: np.ndarray) -> int:
     return best
 
 
+def check_loader_args(seq_len: int, micro_batch: int, rank: int, world: int) -> None:
+    """What every batch loader (one directory, or a data.mix mixture) needs of its arguments."""
+    if seq_len < 1 or micro_batch < 1:
+        raise UserError(f"seq_len={seq_len} and micro_batch={micro_batch} must be >= 1")
+    if not 0 <= rank < world:
+        raise UserError(f"data-parallel rank {rank} is not in [0, world={world})")
+
+
 class BatchLoader:
     """Micro-batches of (b, s + 1) token windows for data-parallel rank `rank` of `world`.
 
@@ -128,10 +136,7 @@ class BatchLoader:
 
     def __init__(self, dataset: TokenDataset, seq_len: int, micro_batch: int, seed: int,
                  rank: int = 0, world: int = 1, shuffle: bool = True):
-        if seq_len < 1 or micro_batch < 1:
-            raise UserError(f"seq_len={seq_len} and micro_batch={micro_batch} must be >= 1")
-        if not 0 <= rank < world:
-            raise UserError(f"data-parallel rank {rank} is not in [0, world={world})")
+        check_loader_args(seq_len, micro_batch, rank, world)
         self.dataset = dataset
         self.tokens = dataset.tokens
         self.seq_len = seq_len

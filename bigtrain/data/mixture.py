@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from bigtrain.config import DataConfig
-from bigtrain.data.dataset import TokenDataset, load_meta
+from bigtrain.data.dataset import TokenDataset, check_loader_args, load_meta
 from bigtrain.errors import UserError
 
 CHOICE_BLOCK = 1 << 16
@@ -122,10 +122,7 @@ class MixtureLoader:
 
     def __init__(self, sources: list[Source], seq_len: int, micro_batch: int, seed: int,
                  rank: int = 0, world: int = 1):
-        if seq_len < 1 or micro_batch < 1:
-            raise UserError(f"seq_len={seq_len} and micro_batch={micro_batch} must be >= 1")
-        if not 0 <= rank < world:
-            raise UserError(f"data-parallel rank {rank} is not in [0, world={world})")
+        check_loader_args(seq_len, micro_batch, rank, world)
         if not sources:
             raise UserError("a data mixture needs at least one source")
         self.sources = sources

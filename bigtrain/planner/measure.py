@@ -77,6 +77,24 @@ MATRIX = {
     "none, dim 2048, seq 16": "model.dim=2048 model.n_heads=16 model.n_kv_heads=8 model.n_layers=1 train.seq_len=16 train.micro_batch_size=1 train.global_batch_size=1",
 }
 
+# The tp > 1 layouts the fake-process-group dry run is checked on (tests/test_plan_simulate.py,
+# bench/plan.py): overrides of configs/debug.yaml on top of SIMULATE_BASE.
+SIMULATE_BASE = ["train.dtype=fp32", "model.vocab_size=512", "train.seq_len=256", "train.micro_batch_size=8",
+                 "train.global_batch_size=8", "model.n_kv_heads=8"]
+SIMULATE_LAYOUTS = {
+    "tp2": ["parallel.tp=2"],
+    "tp2 sp": ["parallel.tp=2", "parallel.sequence_parallel=true"],
+    "tp2 full": ["parallel.tp=2", "recompute.granularity=full"],
+    "tp4 full partition": ["parallel.tp=4", "recompute.granularity=full", "recompute.partition=true"],
+    "tp4 sp selective": ["parallel.tp=4", "parallel.sequence_parallel=true", "recompute.granularity=selective",
+                         "recompute.modules=norm,mlp"],
+    "tp8": ["parallel.tp=8"],
+    "tp8 full": ["parallel.tp=8", "recompute.granularity=full"],
+    "tp8 full partition, accumulation 2": ["parallel.tp=8", "recompute.granularity=full", "recompute.partition=true",
+                                           "train.global_batch_size=16"],
+    "tp8 sp full": ["parallel.tp=8", "parallel.sequence_parallel=true", "recompute.granularity=full"],
+}
+
 
 def matrix_config(case: str, data_path: str, out_dir: str):
     """The config of one matrix case (its data and run directory given)."""

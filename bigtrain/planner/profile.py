@@ -13,6 +13,7 @@ leaves allocated (its parameters' gradients, when they were not there before).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import weakref
 from dataclasses import dataclass, replace
@@ -102,10 +103,7 @@ def _profile(key: SpanKey) -> Profile:
     span keeps stays allocated until its backward ends, as an offloaded span's reloaded copies
     do (they belong to the span's group, freed with its last saved tensor); otherwise autograd
     frees each saved tensor once its node has run."""
-    import torch.distributed as dist
-
     from bigtrain.config import ModelConfig
-    from bigtrain.parallel.dims import ParallelDims
     from bigtrain.recompute.policy import Span
 
     model_items, b, s, t, sp, bf16 = key.model_items, key.b, key.s, key.t, key.sp, key.bf16
@@ -113,24 +111,36 @@ def _profile(key: SpanKey) -> Profile:
     held, partition = key.held, key.partition
     m = ModelConfig(**dict(model_items))
     cfg = replace(m, n_layers=blocks, vocab_size=8 * t)
-    own_pg = t > 1 and not dist.is_initialized()
-    if own_pg:
-        from torch.testing._internal.distributed.fake_pg import FakeStore
-
-        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=t)
-        dims = ParallelDims.build(t, 0, tp=t, sequence_parallel=sp)
-    else:
-        dims = ParallelDims(world_size=t, rank=0, tp=t, sequence_parallel=False)
-    span = Span(0, blocks, checkpointed=checkpointed, modules=modules, partition=partition and own_pg)
-    try:
+    with _fake_tp(t, sp) as (dims, own_pg):
+        span = Span(0, blocks, checkpointed=checkpointed, modules=modules, partition=partition and own_pg)
         prof = _run(cfg, span, dims, b, s, bf16, persistent, held)
-        if partition and not own_pg:  # kept as 1/t of the input, all-gathered whole for the replay
-            d = 4 * b * s * m.dim
-            prof = replace(prof, bwd_peak=prof.bwd_peak + d - d // t)
-        return prof
+    if partition and not own_pg:  # kept as 1/t of the input, all-gathered whole for the replay
+        d = 4 * b * s * m.dim
+        prof = replace(prof, bwd_peak=prof.bwd_peak + d - d // t)
+    return prof
+
+
+@contextlib.contextmanager
+def _fake_tp(t: int, sp: bool):
+    """(dims, own_pg) for rank 0 of a tp=t group: with no process group yet (`bigtrain plan`),
+    torch's fake backend, so the real collectives run (and sequence parallelism with them);
+    inside a distributed run (auto's planning) a group-less layout, whose collectives are
+    identities and which is profiled without sequence parallelism."""
+    import torch.distributed as dist
+
+    from bigtrain.parallel.dims import ParallelDims
+
+    own_pg = t > 1 and not dist.is_initialized()
+    if not own_pg:
+        yield ParallelDims(world_size=t, rank=0, tp=t, sequence_parallel=False), False
+        return
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=t)
+    try:
+        yield ParallelDims.build(t, 0, tp=t, sequence_parallel=sp), True
     finally:
-        if own_pg:
-            dist.destroy_process_group()
+        dist.destroy_process_group()
 
 
 def _run(cfg, span, dims, b, s, bf16, persistent, held) -> Profile:
@@ -227,49 +237,35 @@ def head_profile(shape, persistent: bool) -> Profile:
 
 @functools.lru_cache(maxsize=64)
 def _head(model_items: tuple, b: int, s: int, t: int, sp: bool, bf16: bool, persistent: bool) -> Profile:
-    import torch.distributed as dist
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from bigtrain.config import ModelConfig
     from bigtrain.model import build_model
-    from bigtrain.parallel.dims import ParallelDims
     from bigtrain.parallel.loss import cross_entropy
 
     cfg = replace(ModelConfig(**dict(model_items)), n_layers=0)
-    own_pg = t > 1 and not dist.is_initialized()
-    if own_pg:
-        from torch.testing._internal.distributed.fake_pg import FakeStore
-
-        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=t)
-        dims = ParallelDims.build(t, 0, tp=t, sequence_parallel=sp)
-    else:
-        dims = ParallelDims(world_size=t, rank=0, tp=t, sequence_parallel=False)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False) if bf16 else _null()
-    try:
-        with FakeTensorMode(allow_non_fake_inputs=True):
-            model = build_model(cfg, device="cpu")
-            if t > 1:
-                from bigtrain.parallel.parallelize import parallelize
+    with _fake_tp(t, sp) as (dims, _), FakeTensorMode(allow_non_fake_inputs=True):
+        model = build_model(cfg, device="cpu")
+        if t > 1:
+            from bigtrain.parallel.parallelize import parallelize
 
-                parallelize(model, dims)
-            x = torch.zeros(b, s // t if dims.sequence_parallel else s, cfg.dim, requires_grad=True)
-            targets = torch.zeros(b, s, dtype=torch.long)
-            if persistent:
-                for p in model.parameters():
-                    p.grad = torch.zeros_like(p)
-            live = LiveBytes()
-            with live:
-                start = live.restart_peak()
-                with autocast:
-                    logits = model.output(model.norm(x))
-                loss = cross_entropy(logits, targets, group=dims.tp_group, vocab_size=cfg.vocab_size)
-                del logits
-                fwd_peak = live.peak - start
-                start = live.restart_peak()
-                loss.backward()
-                bwd_peak = live.peak - start
-                grads = 0 if persistent else model.output.weight.grad.untyped_storage().nbytes()
-    finally:
-        if own_pg:
-            dist.destroy_process_group()
+            parallelize(model, dims)
+        x = torch.zeros(b, s // t if dims.sequence_parallel else s, cfg.dim, requires_grad=True)
+        targets = torch.zeros(b, s, dtype=torch.long)
+        if persistent:
+            for p in model.parameters():
+                p.grad = torch.zeros_like(p)
+        live = LiveBytes()
+        with live:
+            start = live.restart_peak()
+            with autocast:
+                logits = model.output(model.norm(x))
+            loss = cross_entropy(logits, targets, group=dims.tp_group, vocab_size=cfg.vocab_size)
+            del logits
+            fwd_peak = live.peak - start
+            start = live.restart_peak()
+            loss.backward()
+            bwd_peak = live.peak - start
+            grads = 0 if persistent else model.output.weight.grad.untyped_storage().nbytes()
     return Profile(fwd_peak, bwd_peak, grads)

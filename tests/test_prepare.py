@@ -201,16 +201,69 @@ def test_failed_run_keeps_the_previous_output(tmp_path, corpus, spm_model, small
     assert {n: (out / n).read_bytes() for n in OUTPUTS} == before
 
 
+class _Pipe:
+    """A named pipe at `path` fed from a thread: `write(data)` queues bytes, `close()` ends the
+    stream. The reader sees the stream stall, not end, while nothing is queued, so a test decides
+    when a `prepare` reading it is mid-run, whatever the machine's speed."""
+
+    def __init__(self, path: Path):
+        import queue
+        import threading
+        os.mkfifo(path)
+        self.path, self.queue = path, queue.Queue()
+        self.thread = threading.Thread(target=self._feed, daemon=True)
+        self.thread.start()
+
+    def _feed(self):
+        try:
+            with open(self.path, "wb") as f:  # blocks until the reader opens it
+                while (data := self.queue.get()) is not None:
+                    f.write(data)
+                    f.flush()
+        except BrokenPipeError:  # the reader is gone (interrupted)
+            pass
+
+    def write(self, data: bytes):
+        self.queue.put(data)
+
+    def close(self):
+        self.queue.put(None)
+        self.thread.join(timeout=30)
+
+
+def test_corpus_from_a_pipe(tmp_path, corpus, spm_model, small_chunks):
+    """`--corpus <(zcat part.jsonl.gz)`: a pipe gives the bytes of the same file; training a
+    tokenizer from one (two reads) is refused with a one-line error."""
+    docs = [json.dumps({"text": text(i)}) + "\n" for i in range(40)]
+    (tmp_path / "c.jsonl").write_text("".join(docs))
+    prep.prepare([str(tmp_path / "c.jsonl")], str(tmp_path / "file"), tokenizer=str(spm_model))
+    pipe = _Pipe(tmp_path / "p.jsonl")
+    for d in docs:
+        pipe.write(d.encode())
+    pipe.close()
+    prep.prepare([str(pipe.path)], str(tmp_path / "pipe"), tokenizer=str(spm_model), workers=2)
+    for name in ("train.bin", "val.bin"):
+        assert (tmp_path / "pipe" / name).read_bytes() == (tmp_path / "file" / name).read_bytes()
+    os.mkfifo(tmp_path / "q.jsonl")
+    with pytest.raises(UserError) as ei:
+        prep.prepare([str(tmp_path / "q.jsonl")], str(tmp_path / "trained"))
+    msg = str(ei.value)
+    assert "\n" not in msg and "q.jsonl' is a pipe" in msg and "tokenizer=PATH" in msg
+    assert not (tmp_path / "trained").exists()
+
+
 @pytest.mark.slow
 def test_interrupt_leaves_no_output_and_no_workers(tmp_path, spm_model):
     psutil = pytest.importorskip("psutil")
-    big = tmp_path / "big.jsonl"
-    line = json.dumps({"text": " ".join(SYLLABLES) * 50}) + "\n"
-    big.write_text(line * 8000)  # ~40 MB: many seconds of encoding
+    # The corpus comes through a pipe that stays open: prepare is mid-run when interrupted however
+    # fast the machine encodes (a 40 MB file took 1.1 s on CI, over before the signal).
+    pipe = _Pipe(tmp_path / "big.jsonl")
+    line = (json.dumps({"text": " ".join(SYLLABLES) * 50}) + "\n").encode()
+    pipe.write(line * 2000)  # ~10 MB: a few chunks per worker
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "bigtrain.cli", "prepare", "--tokenizer", str(spm_model),
-                             "--corpus", str(big), "--out", str(out), "--workers", "2"],
+                             "--corpus", str(pipe.path), "--out", str(out), "--workers", "2"],
                             cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
 
     def workers():
@@ -232,8 +285,10 @@ def test_interrupt_leaves_no_output_and_no_workers(tmp_path, spm_model):
     time.sleep(1)  # both workers past their start (one still importing would print a traceback)
     pool = workers()
     assert written() and len(pool) == 2 and proc.poll() is None
+    pipe.write(line * 2000)  # more in flight while the signal comes
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
+    pipe.close()
     assert proc.returncode == 130, err[-2000:]
     assert "Traceback" not in err, err[-2000:]
     assert list(out.iterdir()) == [], "nothing, not even a temporary"

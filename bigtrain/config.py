@@ -135,6 +135,8 @@ class RecomputeConfig:
     """Full recompute: keep each checkpoint input as this rank's 1/tp slice, all-gathered for the replay (needs parallel.tp > 1; a no-op under sequence parallelism, whose inputs are already split)."""
     memory_budget: str = ""
     """Per-GPU memory budget for granularity auto, e.g. 70GiB."""
+    host_memory_budget: str = "auto"
+    """Granularity auto: host memory one rank's offloaded activations (whole pinned chunks) and offloaded optimizer states may take, e.g. 200GiB; auto: 80% of this machine's RAM divided by the ranks per node (LOCAL_WORLD_SIZE, else the job's world size, at most 8). Set it when planning on another machine than the job's."""
 
     def validate(self) -> None:
         _positive(self, "num_layers")
@@ -151,6 +153,11 @@ class RecomputeConfig:
             if self.offload:
                 raise ConfigError("recompute.granularity=auto chooses offload per block itself; "
                                   "leave recompute.offload=false")
+            if self.host_memory_budget != "auto":
+                parse_bytes(self.host_memory_budget, "recompute.host_memory_budget")
+        elif self.host_memory_budget != "auto":
+            raise ConfigError(f"recompute.host_memory_budget bounds what recompute.granularity=auto offloads; "
+                              f"it is only used by auto (granularity is {g})")
         if self.memory_budget and g != "auto":
             raise ConfigError(f"recompute.memory_budget is only used by recompute.granularity=auto (it is {g})")
         if self.partition and g != "full":

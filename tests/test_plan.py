@@ -113,6 +113,46 @@ def test_auto_beats_uniform_full_when_the_budget_allows():
         P.choose_policy(lay, GiB)
 
 
+def test_auto_offloads_within_the_host_budget():
+    """A device budget only offload meets: auto offloads, within recompute.host_memory_budget
+    (the pool's whole pinned chunks count); too small a host budget is a one-line error naming
+    the key; on the CPU (host = device) the host budget does not apply."""
+    def job(host, device="cuda"):
+        cfg = _cfg("configs/llama-7b.yaml", "train.micro_batch_size=8", "recompute.granularity=auto",
+                   "recompute.memory_budget=18GiB", f"recompute.host_memory_budget={host}")
+        return resolve(cfg, 8, device)
+
+    L = job("auto").cfg.model.n_layers
+    smallest_on_device = min(P.estimate(job("auto"), P.uniform(n, L), n).peak
+                             for n in P.candidate_names(job("auto")) if "offload" not in n)
+    assert smallest_on_device > 18 * GiB  # so only offload fits
+    chosen = P.choose_policy(job("100GiB"), 18 * GiB)
+    assert "offload" in chosen.policy and chosen.peak <= 18 * GiB
+    assert chosen.host_pinned <= chosen.host_total <= 100 * GiB and chosen.host_pinned % 2**30 == 0
+    # the cheapest that fits the host: more host room never gives a costlier choice
+    tight = P.choose_policy(job(f"{chosen.host_total}B"), 18 * GiB)
+    assert tight.host_total <= chosen.host_total and tight.overhead >= chosen.overhead
+    with pytest.raises(UserError) as ei:
+        P.choose_policy(job("1GiB"), 18 * GiB)
+    msg = str(ei.value)
+    assert "\n" not in msg and "within recompute.host_memory_budget (1.0 GiB per rank)" in msg, msg
+    assert "on the host; raise recompute.host_memory_budget" in msg
+    assert P.host_budget(job("1GiB", "cpu")) is None and P.host_budget(job("3GiB")) == 3 * GiB
+
+
+def test_auto_considers_op_level_recompute():
+    """selective(pointwise) is an auto candidate: it keeps less than selective(norm,mlp_act) at no
+    matmul replay, so its estimated cost is between that and full, and a budget between their
+    peaks picks it (alone or in a mix)."""
+    lay = resolve(_cfg("configs/llama-7b.yaml", "train.micro_batch_size=8"), 8, "cuda")
+    L = lay.cfg.model.n_layers
+    est = {n: P.estimate(lay, P.uniform(n, L), n) for n in ("selective(norm,mlp_act)", "selective(pointwise)", "full")}
+    assert est["selective(pointwise)"].activations < est["selective(norm,mlp_act)"].activations
+    assert 0 < est["selective(pointwise)"].overhead < est["full"].overhead
+    budget = (est["selective(pointwise)"].peak + est["selective(norm,mlp_act)"].peak) // 2
+    assert "selective(pointwise)" in P.choose_policy(lay, budget).policy
+
+
 def test_auto_fits_its_budget_in_a_real_run(tiny_data, tmp_path):
     """granularity=auto on a real CPU run: the accountant's bytes are the plan's, and the plan's
     peak (with measured activations) is within the budget; a tighter budget keeps less."""

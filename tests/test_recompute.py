@@ -302,6 +302,9 @@ def test_host_pool_is_reused_across_steps():
     (["recompute.granularity=selective", "recompute.modules=attn"], "allowed: norm, mlp_act, core_attn, mlp"),
     (["recompute.granularity=full", "recompute.num_layers=5", "model.n_layers=4"], "exceeds model.n_layers(4)"),
     (["recompute.offload_min_size=lots"], "is not a size"),
+    (["recompute.host_memory_budget=100GiB", "recompute.granularity=full"], "it is only used by auto"),
+    (["recompute.granularity=auto", "recompute.memory_budget=9GiB", "recompute.host_memory_budget=lots"],
+     "recompute.host_memory_budget='lots' is not a size"),
 ])
 def test_impossible_combinations_are_rejected(overrides, message):
     with pytest.raises(ConfigError, match=".*".join(map(__import__("re").escape, [message]))):

@@ -15,10 +15,10 @@ from bigtrain.planner.cost import overhead
 from bigtrain.planner.memory import Estimate, Params, States, estimate, model_states, rank_params
 from bigtrain.planner.report import format_report, plot, report
 from bigtrain.planner.search import (CANDIDATES, alternatives, candidate_names, choose_policy, choose_recompute,
-                                     mixed, mixed_name, suggestions, uniform)
+                                     host_budget, mixed, mixed_name, suggestions, uniform)
 from bigtrain.planner.simulate import fake_peak, simulate_configured, simulated_peak
 
 __all__ = ["overhead", "Estimate", "Params", "States", "estimate", "model_states", "rank_params",
            "format_report", "plot", "report", "CANDIDATES", "alternatives", "candidate_names", "choose_policy",
-           "choose_recompute", "mixed", "mixed_name", "suggestions", "uniform", "fake_peak",
+           "choose_recompute", "host_budget", "mixed", "mixed_name", "suggestions", "uniform", "fake_peak",
            "simulate_configured", "simulated_peak"]

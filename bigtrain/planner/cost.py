@@ -1,7 +1,7 @@
 """The cost model: the extra time a policy adds to a step, estimated from FLOPs and bytes.
 
-Recomputed FLOPs at hardware.peak_tflops * hardware.mfu, recomputed elementwise modules at
-hardware.memory_bandwidth, offload copies beyond what the block's own compute hides at
+Recomputed FLOPs at hardware.peak_tflops * hardware.mfu, recomputed elementwise modules (norm,
+mlp_act, pointwise) at hardware.memory_bandwidth, offload copies beyond what the block's own compute hides at
 hardware.host_bandwidth, and partition all-gathers (not overlapped) at hardware.tp_bandwidth.
 These rank policies against each other; they are not measurements.
 """
@@ -44,6 +44,8 @@ def overhead(job: Job, n, spans: list[Span]) -> float:
                 extra += k * 2 * 3 * 4 * Sr * m.dim / hbm  # read the input, write two outputs, per norm
             elif name == "mlp_act":
                 extra += k * 3 * sh.elem * S * m.hidden / t / hbm
+            elif name == "pointwise":
+                extra += k * _pointwise_bytes(job) / hbm
         if span.offload:
             moved = span_bytes(sh, span, min_bytes)[1] / host
             # device->host during this span's and the next one's forward (two spans of copies in
@@ -52,3 +54,17 @@ def overhead(job: Job, n, spans: list[Span]) -> float:
         if span.partition and t > 1 and not sh.sp:
             extra += 4 * S * m.dim * (t - 1) / t / tpbw  # the replay's all-gather, not overlapped
     return extra / step
+
+
+def _pointwise_bytes(job: Job) -> float:
+    """Bytes one block's elementwise replay reads and writes (recompute.modules pointwise): the two
+    RMSNorms and two residual adds on the fp32 stream, RoPE on q and k, the SwiGLU product, the
+    casts of the matmul inputs (bigtrain.recompute.pointwise)."""
+    sh, m, t = job.shape, job.cfg.model, job.tp
+    S = sh.b * sh.s
+    Sr = S // t if sh.sp else S
+    kv = m.kv_heads * m.head_dim
+    stream = 2 * (4 + 4 + sh.elem) * Sr * m.dim + 2 * 3 * 4 * Sr * m.dim  # norms (in, weight, out), adds
+    rope = 2 * sh.elem * S * (m.dim + kv) / t  # read and write q and k
+    swiglu = 3 * sh.elem * S * m.hidden / t  # read gate and up, write the product (silu fused)
+    return stream + rope + swiglu

@@ -109,6 +109,7 @@ class Estimate:
     host_pinned: int  # the host pool's pinned reservation for the activations (whole chunks)
     overhead: float  # estimated extra step time from recompute/offload/partition, fraction
     activations: int  # kept on the device by the blocks at the end of forward
+    host_total: int  # taken of the host: the pool's whole pinned chunks and offloaded optimizer states
 
     @property
     def peak(self) -> int:
@@ -183,7 +184,7 @@ def estimate(job: Job, spans: list[Span], policy: str = "", n: Params | None = N
                    "activations (embedding, norm, loss)": outside}
     components = _components(phases, st, activations, pool)
     return Estimate(policy, spans, components, phases, st.host + offloaded, pinned, overhead(job, n, spans),
-                    sum(kept_dev))
+                    sum(kept_dev), st.host + pinned)
 
 
 def _save_phase(job: Job, st: States, n: Params) -> int:

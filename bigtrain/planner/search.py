@@ -4,6 +4,7 @@ a memory budget (`recompute.granularity: auto`); what else would fit when nothin
 from __future__ import annotations
 
 import itertools
+import os
 from dataclasses import replace
 
 from bigtrain.config import Config, parse_bytes
@@ -17,6 +18,7 @@ CANDIDATES = {
     "none": Span(0, 1),
     "selective(norm,mlp_act)": Span(0, 1, modules=("norm", "mlp_act")),
     "selective(norm,mlp)": Span(0, 1, modules=("norm", "mlp")),
+    "selective(pointwise)": Span(0, 1, modules=("pointwise",)),
     "full": Span(0, 1, checkpointed=True),
     "full+partition": Span(0, 1, checkpointed=True, partition=True),
     "offload": Span(0, 1, offload=True),
@@ -56,27 +58,57 @@ def alternatives(job: Job) -> list[Estimate]:
     return [estimate(job, uniform(name, job.cfg.model.n_layers), name, n) for name in candidate_names(job)]
 
 
+HOST_SHARE = 0.8  # of the node's RAM, for offload under auto: the rest for the OS, loaders, page cache
+
+
+def host_budget(job: Job) -> int | None:
+    """Host bytes one rank may fill with offloaded activations and optimizer states under auto
+    (recompute.host_memory_budget); None on the CPU, where the host is the device and its budget
+    is memory_budget's."""
+    if job.device == "cpu":
+        return None
+    text = job.cfg.recompute.host_memory_budget
+    if text != "auto":
+        return parse_bytes(text, "recompute.host_memory_budget")
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    # torchrun sets LOCAL_WORLD_SIZE; planning elsewhere, a node holds the job or 8 GPUs of it.
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or min(job.world, 8))
+    return int(HOST_SHARE * ram) // per_node
+
+
 def choose_policy(job: Job, budget: int) -> Estimate:
-    """The least estimated overhead that fits `budget`: every candidate for all blocks, and every
-    mix of two candidates (the first k blocks under one, the rest under the other), which is
-    where the optimum of this knapsack over identical blocks lies. UserError if nothing fits."""
+    """The least estimated overhead that fits `budget` on the device and host_budget(job) on the
+    host: every candidate for all blocks, and every mix of two candidates (the first k blocks
+    under one, the rest under the other), which is where the optimum of this knapsack over
+    identical blocks lies. UserError if nothing fits."""
     n = rank_params(job)
     L = job.cfg.model.n_layers
     names = candidate_names(job)
-    best = None
+    host = host_budget(job)
+    best = over_host = None
     for a, b in itertools.product(names, names):
         for k in range(1 if a != b else L, L + 1) if a != b else [L]:
             spans = mixed(a, k, b, L)
             name = a if k == L else mixed_name(spans)
             est = estimate(job, spans, name, n)
-            if est.peak <= budget and (best is None or (est.overhead, est.peak) < (best.overhead, best.peak)):
+            if est.peak > budget:
+                continue
+            if host is not None and est.host_total > host:
+                over_host = over_host or est
+                continue
+            if best is None or (est.overhead, est.peak) < (best.overhead, best.peak):
                 best = est
     if best is None:
-        raise UserError(_nothing_fits(job, budget, n))
+        raise UserError(_nothing_fits(job, budget, n, (over_host, host)))
     return best
 
 
-def _nothing_fits(job: Job, budget: int, n: Params) -> str:
+def _nothing_fits(job: Job, budget: int, n: Params, over_host: tuple) -> str:
+    est, host = over_host
+    if est is not None:  # the device budget is met by offloading more than the host may take
+        return (f"no activation policy fits {budget / GiB:.1f} GiB per GPU within recompute.host_memory_budget "
+                f"({host / GiB:.1f} GiB per rank): {est.policy} fits the GPU but puts {est.host_total / GiB:.1f} GiB "
+                f"on the host; raise recompute.host_memory_budget if the node has it, or see bigtrain plan")
     smallest = smallest_policy(job, n)
     msg = (f"no activation policy fits {budget / GiB:.1f} GiB per GPU: the smallest, {smallest.policy}, needs "
            f"{smallest.peak / GiB:.1f} GiB ({(smallest.peak - budget) / GiB:.1f} GiB over, peak in the "

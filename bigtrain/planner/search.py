@@ -168,7 +168,9 @@ def choose_recompute(job: Job) -> tuple[list[Span] | None, str]:
     chosen = choose_policy(job, budget)
     full = estimate(job, uniform("full", job.cfg.model.n_layers), "full")
     g = 2.0 ** 30
-    text = (f"recompute.granularity=auto, budget {budget / g:.2f} GiB per GPU: chose {chosen.policy}\n"
+    host = host_budget(job)
+    on_host = f", host {chosen.host_total / g:.2f} of {host / g:.2f} GiB" if host is not None else ""
+    text = (f"recompute.granularity=auto, budget {budget / g:.2f} GiB per GPU{on_host}: chose {chosen.policy}\n"
             "| policy | est. peak GiB | peak in | est. extra step time |\n|---|---|---|---|\n"
             f"| {chosen.policy} (chosen) | {chosen.peak / g:.2f} | {chosen.peak_phase} | {100 * chosen.overhead:.1f}% |\n"
             f"| full, every block | {full.peak / g:.2f} | {full.peak_phase} | {100 * full.overhead:.1f}% |")

@@ -434,11 +434,13 @@ def read_shard_file(ckpt: str | Path, manifest: dict, tp_rank: int) -> dict:
     return load_tensors(Path(ckpt) / manifest["tensor_files"]["model"][tp_rank])
 
 
-def read_rank_file(ckpt: str | Path, rank: int) -> dict:
+def read_rank_file(ckpt: str | Path, rank: int, mmap: bool = False) -> dict:
+    """A rank file's tensors (mmap: memory-mapped, read only where touched -- for a small part of
+    a file that also holds model and optimizer shards)."""
     path = Path(ckpt) / f"rank{rank:05d}.pt"
     if not path.is_file():
         raise UserError(f"checkpoint {str(ckpt)!r} has no file for rank {rank} ({path.name})")
-    return load_tensors(path)
+    return load_tensors(path, mmap=mmap)
 
 
 def load_model_state(model: nn.Module, saved: dict, source: str) -> None:
@@ -510,7 +512,14 @@ def part_of(pieces: list[torch.Tensor], info: dict, shard) -> torch.Tensor:
     dim = info["shard_dim"]
     if shard is None or dim is None or shard.dim != dim:  # a replicated side: the full tensor is the part
         full = unshard(pieces, info)
-        return (shard(full) if shard is not None else full).clone()
+        part = shard(full) if shard is not None else full
+        # A copy only where the part is not a whole tensor of its own (a memory-mapped piece, a
+        # view into a larger one): copying a tensor just concatenated doubles the transient
+        # and fragments the heap.
+        storage = part.untyped_storage()
+        shared = any(storage.data_ptr() == q.untyped_storage().data_ptr() for q in pieces)
+        whole = part.is_contiguous() and storage.nbytes() == part.numel() * part.element_size()
+        return part if whole and not shared else part.clone()
     rows = pieces[0].shape[dim]  # per saved piece; the last ones may end in vocab padding
     lo, hi = shard.start, min(shard.start + shard.size, info["full_shape"][dim])  # rows past full_shape: padding
     shape = list(pieces[0].shape)

@@ -224,6 +224,9 @@ class DataConfig:
     mix: list[str] = field(default_factory=list)
     """Train on a weighted mixture of prepared directories instead of data.path: DIR:WEIGHT items, e.g. [data/web:0.7, data/code:0.3] (data.mix=data/web:0.7,data/code:0.3 on the command line); weights are relative, every source must share one tokenizer, and each sample's source is drawn from the weights with train.seed."""
 
+    document_mask: bool = False
+    """Attention stops at end-of-document tokens inside a packed sequence, and rotary positions restart at each document (block-causal attention: SDPA with a mask on the CPU, flex attention on CUDA). Needs data whose tokenizer has an EOS id (bigtrain prepare writes one after every document)."""
+
     def validate(self) -> None:
         _positive(self, "eval_batches")
         mixture = self.mixture()

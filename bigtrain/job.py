@@ -25,6 +25,7 @@ from bigtrain.config import Config, ModelConfig
 from bigtrain.data.mixture import data_meta
 from bigtrain.data.tokenizer import check_vocab
 from bigtrain.errors import UserError
+from bigtrain.model import flex_available
 from bigtrain.parallel.dims import check_layout, check_model, padded_vocab
 
 
@@ -39,6 +40,8 @@ class Shape:
     elem: int = 4  # bytes of a matmul/attention activation: 4 in fp32, 2 under bf16 autocast
     mask_bytes: int = 4  # bytes per dropout-mask element: 1 on CUDA (bool), elem on the CPU
     math_attention: bool = False  # attention dropout on the CPU: SDPA's math kernel
+    documents: bool = False  # data.document_mask: per-token rotary angles and a block-causal mask
+    flex: bool = False  # ... held as a flex BlockMask (CUDA, no dropout), else as a dense (b, 1, s, s) mask
     # Exact (tests/test_recompute.py) in fp32, and under bf16 autocast without dropout on the
     # CPU; CPU dropout under autocast keeps masks in mixed dtypes the formula does not follow.
 
@@ -59,6 +62,7 @@ class Job:
     bf16: bool  # bf16 autocast (else fp32 throughout)
     padded_vocab: int  # vocab_size rounded up to a multiple of tp (each rank owns an equal slice)
     shape: Shape  # one rank's block activations (the memory formula's input)
+    eos_id: int | None = None  # the data's end-of-document id, for data.document_mask (None: data not read)
 
     @property
     def vocab_size(self) -> int:
@@ -96,10 +100,16 @@ def resolve(cfg: Config, world: int, device: str, meta: dict | None = None) -> J
     on_cpu = device == "cpu"
     # CPU dropout masks are stored in the activation dtype (bool on CUDA), and CPU attention
     # with dropout falls back to SDPA's math kernel, which keeps the probabilities.
+    documents = cfg.data.document_mask
+    if documents and meta is not None and meta["eos_id"] < 0:
+        raise UserError("data.document_mask=true needs an end-of-document id, but the data's tokenizer has none "
+                        "(meta.json eos_id=-1); prepare the data with `bigtrain prepare` (which ends every "
+                        "document with EOS) or set data.document_mask=false")
     shape = Shape(cfg.model, t.micro_batch_size, t.seq_len, tp, sp, elem,
-                  mask_bytes=elem if on_cpu else 1, math_attention=on_cpu and cfg.model.dropout > 0)
+                  mask_bytes=elem if on_cpu else 1, math_attention=on_cpu and cfg.model.dropout > 0,
+                  documents=documents, flex=documents and not on_cpu and flex_available() and cfg.model.dropout == 0)
     return Job(cfg, world, device, tp, dp, sp, t.global_batch_size // per_step, bf16,
-               padded_vocab(cfg.model.vocab_size, tp), shape)
+               padded_vocab(cfg.model.vocab_size, tp), shape, meta["eos_id"] if meta is not None else None)
 
 
 def _with_data_path(cfg: Config) -> Config:

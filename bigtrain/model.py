@@ -7,16 +7,24 @@ use -1 for head counts and the number of query heads per kv head is read off the
 
 Shapes: b = micro-batch, s = sequence, h = dim, d = head_dim, nh/nkv = (local) query/kv heads,
 v = vocab.
+
+Document masking (data.document_mask): `model(tokens, documents=document_ids(tokens, eos))` makes
+every token attend only to earlier tokens of its own document inside the packed sequence, with
+rotary positions counted from its document's start, so a document's logits in a packed batch
+are its logits alone (tests/test_document_mask.py).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from bigtrain.config import ModelConfig
 
@@ -42,16 +50,21 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the projections of x compute in: autocast's where it is on, else x's."""
+    kind = x.device.type
+    if not torch.amp.is_autocast_available(kind) or not torch.is_autocast_enabled(kind):
+        return x.dtype  # (meta and other devices have no autocast)
+    return torch.get_autocast_dtype(kind)
+
+
 def cast_once(x: torch.Tensor) -> torch.Tensor:
     """Under autocast, x in the autocast dtype, for several projections of the same input.
 
     Autocast casts every linear's input itself, and each cast copy is kept for backward: three
     copies of the attention input (wq, wk, wv), two of the MLP's (w1, w3). Casting once first
     keeps one. Outside autocast: x unchanged."""
-    kind = x.device.type
-    if not torch.amp.is_autocast_available(kind) or not torch.is_autocast_enabled(kind):
-        return x  # (meta and other devices have no autocast)
-    return x.to(torch.get_autocast_dtype(kind))
+    return x.to(compute_dtype(x))
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> torch.Tensor:
@@ -62,12 +75,110 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> t
 
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of x (b, s, n, d) by rope (s, d/2, 2)."""
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x (b, s, n, d) by rope: (s, d/2, 2), the
+    angles of positions 0..s-1, or (b, s, d/2, 2), each token's own (document masking)."""
     xp = _at_least_fp32(x).unflatten(-1, (-1, 2))  # (b, s, n, d/2, 2)
-    cos, sin = rope[None, :, None, :, 0], rope[None, :, None, :, 1]  # (1, s, 1, d/2)
+    if rope.dim() == 3:
+        rope = rope[None]  # (1, s, d/2, 2)
+    cos, sin = rope[:, :, None, :, 0], rope[:, :, None, :, 1]  # (b or 1, s, 1, d/2)
     x0, x1 = xp[..., 0], xp[..., 1]
     out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
     return out.flatten(-2).type_as(x)
+
+
+def document_ids(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """tokens (b, s) -> (b, s) int64: each token's document, counted from the window's start.
+
+    An end-of-document token belongs to the document it ends; the token after it starts the
+    next. (A window that starts inside a document treats its first tokens as a document of
+    their own, from position 0: they cannot see the part before the window anyway.)"""
+    ends = (tokens == eos_id).long()  # (b, s)
+    return ends.cumsum(1) - ends
+
+
+def positions_in_documents(documents: torch.Tensor) -> torch.Tensor:
+    """documents (b, s) -> (b, s) int64: each token's position counted from its document's start."""
+    b, s = documents.shape
+    idx = torch.arange(s, device=documents.device).expand(b, s)  # (b, s)
+    starts = torch.ones_like(documents, dtype=torch.bool)
+    starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    first = torch.where(starts, idx, 0).cummax(1).values  # (b, s): index of the document's first token
+    return idx - first
+
+
+class DocumentMask:
+    """Block-causal attention inside a packed sequence: query i sees key j iff j <= i and both
+    belong to the same document. Built once per forward and shared by every block.
+
+    documents (b, s) int64 (document_ids). Two forms:
+    - `dense`: a (b, 1, s, s) additive mask (0 where allowed, -inf elsewhere) in the attention
+      dtype, for SDPA. Not a bool mask: SDPA converts a bool mask to this in every layer, and
+      every layer would keep its own copy for backward.
+    - `block_mask`: a flex-attention BlockMask (on CUDA, without dropout): no s x s tensor, and
+      the kernel skips the blocks that are masked whole.
+    """
+
+    def __init__(self, documents: torch.Tensor, dtype: torch.dtype, flex: bool = False):
+        self.documents = documents
+        self.dtype = dtype
+        self.block_mask = _block_mask(documents) if flex else None
+        self.dense = None if flex else self.dense_mask(dtype)
+
+    def dense_mask(self, dtype: torch.dtype) -> torch.Tensor:
+        """(b, 1, s, s) additive mask in `dtype`."""
+        d = self.documents
+        s = d.shape[1]
+        causal = torch.ones(s, s, dtype=torch.bool, device=d.device).tril()  # (s, s)
+        allowed = (d[:, None, :, None] == d[:, None, None, :]) & causal  # (b, 1, s, s)
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=d.device)
+        return mask.masked_fill_(~allowed, float("-inf"))
+
+    def tensors(self) -> list[torch.Tensor]:
+        """What the mask holds for the whole forward (shared by the blocks: not their activations)."""
+        out = [self.documents] + ([self.dense] if self.dense is not None else [])
+        if self.block_mask is not None:
+            out += [t for t in self.block_mask.as_tuple() if isinstance(t, torch.Tensor)]
+        return out
+
+
+def _block_mask(documents: torch.Tensor):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def same_document_causal(b, h, q, k):
+        return (k <= q) & (documents[b, q] == documents[b, k])
+
+    b, s = documents.shape
+    return create_block_mask(same_document_causal, b, None, s, s, device=documents.device)
+
+
+def flex_available() -> bool:
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.cache
+def _flex_kernel(device_type: str):
+    """flex_attention, compiled where it has a fused kernel (CUDA); eager elsewhere (the CPU's
+    forward-only reference, for tests)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False) if device_type == "cuda" else flex_attention
+
+
+@dataclass(frozen=True)
+class Positions:
+    """Where the tokens of one forward sit, shared by all blocks: the rotary angles, (s, d/2, 2)
+    for positions 0..s-1 or (b, s, d/2, 2) per token, and the document mask (None: causal over
+    the whole sequence)."""
+    rope: torch.Tensor
+    mask: DocumentMask | None = None
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The tensors held for the whole forward and backward, not by any one block."""
+        return [self.rope] + (self.mask.tensors() if self.mask is not None else [])
 
 
 class Attention(nn.Module):
@@ -81,7 +192,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * d, cfg.dim, bias=False)
         self.core_attention = CoreAttention(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos: Positions) -> torch.Tensor:
         # Sizes come from the projections, not from x: under sequence parallelism x holds s/tp
         # positions and the column-parallel projections all-gather the full sequence.
         x = cast_once(x)
@@ -90,8 +201,8 @@ class Attention(nn.Module):
         q = q.view(b, s, -1, self.head_dim)  # (b, s, nh, d)
         k = self.wk(x).view(b, s, -1, self.head_dim)  # (b, s, nkv, d)
         v = self.wv(x).view(b, s, -1, self.head_dim)  # (b, s, nkv, d)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
-        out = self.core_attention(q, k, v)  # (b, s, nh, d)
+        q, k = apply_rope(q, pos.rope), apply_rope(k, pos.rope)
+        out = self.core_attention(q, k, v, pos.mask)  # (b, s, nh, d)
         return self.wo(out.flatten(2))  # (b, s, h)
 
 
@@ -105,12 +216,19 @@ class CoreAttention(nn.Module):
         super().__init__()
         self.dropout = dropout
 
-    def forward(self, q, k, v) -> torch.Tensor:
+    def forward(self, q, k, v, mask: DocumentMask | None = None) -> torch.Tensor:
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (b, n, s, d)
         p = self.dropout if self.training else 0.0
-        # enable_gqa lets SDPA broadcast kv heads itself instead of materialising repeats.
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True,
-                                             enable_gqa=q.shape[1] != k.shape[1])
+        gqa = q.shape[1] != k.shape[1]  # let the kernel broadcast kv heads instead of materialising repeats
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, enable_gqa=gqa)
+        elif mask.block_mask is not None and p == 0.0 and _get_current_dispatch_mode() is None:
+            out = _flex_kernel(q.device.type)(q, k, v, block_mask=mask.block_mask, enable_gqa=gqa)
+        else:
+            # The shared dense mask; one made here (a transient) where a dispatch mode is on
+            # (pointwise recompute, the planner's fake tensors), which compiled flex cannot run under.
+            dense = mask.dense if mask.dense is not None and mask.dense.dtype == q.dtype else mask.dense_mask(q.dtype)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=dense, dropout_p=p, enable_gqa=gqa)
         return out.transpose(1, 2)  # (b, s, nh, d)
 
 
@@ -143,14 +261,14 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        x, mlp_out = self.sublayers(x, rope)
+    def forward(self, x: torch.Tensor, pos: Positions) -> torch.Tensor:
+        x, mlp_out = self.sublayers(x, pos)
         return x + self.dropout(mlp_out)
 
-    def sublayers(self, x: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def sublayers(self, x: torch.Tensor, pos: Positions) -> tuple[torch.Tensor, torch.Tensor]:
         """The block up to its last residual add: (x after attention, MLP output), both (b, s, h).
         A boundary of its own for pointwise recompute (bigtrain.recompute.pointwise)."""
-        x = x + self.dropout(self.attention(self.attention_norm(x), rope))
+        x = x + self.dropout(self.attention(self.attention_norm(x), pos))
         return x, self.feed_forward(self.ffn_norm(x))
 
 
@@ -173,21 +291,31 @@ class Transformer(nn.Module):
         # Not a parameter and not saved: recomputed by init_weights / reset_rope.
         self.register_buffer("rope", rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta), persistent=False)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (b, s) -> logits (b, s, v)."""
-        return self.output(self.hidden_states(tokens))
+    def forward(self, tokens: torch.Tensor, documents: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (b, s) -> logits (b, s, v). documents (b, s): each token's document
+        (document_ids), for attention and positions that stop at document boundaries."""
+        return self.output(self.hidden_states(tokens, documents))
 
-    def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
+    def hidden_states(self, tokens: torch.Tensor, documents: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (b, s) -> final normalised hidden states (b, s, h)."""
-        s = tokens.shape[1]
         x = self.dropout(self.tok_embeddings(tokens))  # (b, s, h)
-        rope = self.rope[:s]
+        pos = self.positions(tokens.shape[1], documents, compute_dtype(x))
         if self.block_runner is not None:
-            x = self.block_runner(x, rope)
+            x = self.block_runner(x, pos)
         else:
             for layer in self.layers:
-                x = layer(x, rope)
+                x = layer(x, pos)
         return self.norm(x)
+
+    def positions(self, s: int, documents: torch.Tensor | None = None, dtype=torch.float32) -> Positions:
+        """The Positions of a forward over s tokens; with documents (b, s), per document, the
+        mask in the attention `dtype`, as a flex BlockMask where the fused kernel can run it
+        (CUDA, no attention dropout in training)."""
+        if documents is None:
+            return Positions(self.rope[:s])
+        rope = self.rope[positions_in_documents(documents)]  # (b, s, d/2, 2)
+        flex = documents.is_cuda and flex_available() and not (self.training and self.cfg.dropout > 0)
+        return Positions(rope, DocumentMask(documents, dtype, flex=flex))
 
     def reset_rope(self, device=None) -> None:
         self.rope = rope_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta, device=device)

@@ -23,7 +23,7 @@ from bigtrain.config import Config, dump_yaml
 from bigtrain.data.dataset import BatchLoader, TokenDataset
 from bigtrain.errors import UserError
 from bigtrain.metrics import MetricsLogger, memory_stats, peak_flops
-from bigtrain.model import count_params, flops_per_token
+from bigtrain.model import count_params, document_ids, flops_per_token
 from bigtrain.optim import lr_at
 from bigtrain.parallel.dims import vocab_padding_note
 from bigtrain.parallel.loss import cross_entropy
@@ -54,8 +54,9 @@ class Trainer:
     def loss_on(self, batch: torch.Tensor) -> torch.Tensor:
         """Mean next-token loss of a (b, s+1) batch of token ids."""
         x, y = batch[:, :-1], batch[:, 1:]  # (b, s), (b, s)
+        documents = document_ids(x, self.job.eos_id) if self.cfg.data.document_mask else None
         with self.job.autocast():
-            logits = self.model(x)  # (b, s, v/tp)
+            logits = self.model(x, documents)  # (b, s, v/tp)
         return cross_entropy(logits, y, group=self.dims.tp_group, vocab_size=self.cfg.model.vocab_size)
 
     def train_step(self) -> dict:

@@ -91,7 +91,7 @@ def run_model(dims: ParallelDims, r: RecomputeConfig, sp: bool = False, dropout:
                     requires_grad=True)
     before = x.detach().clone()
     g = torch.randn(x.shape, generator=torch.Generator().manual_seed(6))
-    (model.block_runner(x, model.rope[:S]) * g).sum().backward()
+    (model.block_runner(x, model.positions(S)) * g).sum().backward()
     assert torch.equal(x.detach(), before), "the checkpoint modified its caller's input"
     return {"loss": loss.detach(), "grads": grads, "after": after, "x_grad": x.grad, "report": report}
 
@@ -173,10 +173,10 @@ def test_flop_counter_sees_exactly_the_recompute():
     plain = init_weights(build_model(cfg), seed=0)
     block = plain.layers[0]
     h = torch.randn(B, S, cfg.dim)
-    rope = plain.rope[:S]
+    pos = plain.positions(S)
     q = torch.randn(B, S, cfg.n_heads, cfg.head_dim)
     kv = torch.randn(B, S, cfg.kv_heads, cfg.head_dim)
-    block_fwd = _forward_flops(block, h, rope)
+    block_fwd = _forward_flops(block, h, pos)
     mlp_fwd = _forward_flops(block.feed_forward, h)
     core_fwd = _forward_flops(block.attention.core_attention, q, kv, kv)
     down_fwd = _forward_flops(block.feed_forward.w2, torch.randn(B, S, cfg.hidden))
@@ -393,7 +393,7 @@ def test_second_backward_through_the_same_graph(mode):
     model = init_weights(apply_recompute(build_model(cfg), ParallelDims.single(), MODES_TP1[mode]), seed=0)
     torch.manual_seed(0)
     x = torch.randn(B, S, cfg.dim, requires_grad=True)
-    y = (model.block_runner(x, model.rope[:S]) ** 2).sum()
+    y = (model.block_runner(x, model.positions(S)) ** 2).sum()
     (first,) = torch.autograd.grad(y, x, retain_graph=True)
     (second,) = torch.autograd.grad(y, x)
     assert torch.equal(first, second)

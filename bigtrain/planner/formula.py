@@ -126,6 +126,24 @@ def outside_tensors(sh: Shape, vocab: int) -> dict[str, int]:
         out["loss.softmax"] = 4 * S * vocab // t
         out["loss.local_targets"] = 8 * S
         out["loss.elsewhere"] = S
+    out.update(document_tensors(sh))
+    return out
+
+
+def document_tensors(sh: Shape) -> dict[str, int]:
+    """What data.document_mask holds for the whole step (model.Positions, shared by all blocks):
+    each token's document id (int64), its rotary angles (fp32 (b, s, d/2, 2)) and the mask --
+    dense (b, 1, s, s) in the attention dtype, or a flex BlockMask of 128 x 128 blocks (four
+    int32 index tensors of (b, 1, n, n) and four counts of (b, 1, n), n = ceil(s / 128))."""
+    if not sh.documents:
+        return {}
+    b, s = sh.b, sh.s
+    out = {"documents.ids": 8 * b * s, "documents.rope": 4 * b * s * sh.model.head_dim}
+    if sh.flex:
+        n = -(-s // 128)
+        out["documents.block_mask"] = 4 * 4 * b * n * n + 4 * 4 * b * n
+    else:
+        out["documents.mask"] = sh.elem * b * s * s
     return out
 
 

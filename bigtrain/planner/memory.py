@@ -23,7 +23,7 @@ from bigtrain.model import build_model
 from bigtrain.parallel.dims import ParallelDims
 from bigtrain.planner.cost import overhead
 from bigtrain.planner.profile import head_profile, span_profile
-from bigtrain.planner.formula import outside_tensors, span_bytes
+from bigtrain.planner.formula import document_tensors, outside_tensors, span_bytes
 from bigtrain.recompute.policy import Span, keep_last_on_device
 from bigtrain.recompute.saved import CHUNK_BYTES
 
@@ -135,7 +135,8 @@ def estimate(job: Job, spans: list[Span], policy: str = "", n: Params | None = N
     pinned = -(-offloaded // CHUNK_BYTES) * CHUNK_BYTES  # the pool pins whole chunks
     outs = outside_tensors(sh, job.padded_vocab)
     outside = sum(outs.values())
-    ids = outs["embedding.ids"] + outs.get("embedding.dropout_mask", 0)  # kept until the embedding's backward
+    # kept until the embedding's backward; the document mask's tensors until the first block's
+    ids = outs["embedding.ids"] + outs.get("embedding.dropout_mask", 0) + sum(document_tensors(sh).values())
     S, v_local = sh.b * sh.s, job.padded_vocab // job.tp
     Sr = S // job.tp if sh.sp else S
     D = 4 * Sr * job.cfg.model.dim  # one residual-stream tensor (fp32): a block's input, its gradient

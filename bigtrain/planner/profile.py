@@ -72,7 +72,8 @@ def span_profile(shape, blocks: int, checkpointed: bool, modules: tuple, persist
 
     m = tuple(sorted(dataclasses.asdict(shape.model).items()))
     return _profile(SpanKey(m, shape.b, shape.s, shape.tp, shape.sp, shape.autocast, blocks, checkpointed,
-                            tuple(modules), persistent, held, partition and shape.tp > 1 and not shape.sp))
+                            tuple(modules), persistent, held, partition and shape.tp > 1 and not shape.sp,
+                            shape.documents))
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,7 @@ class SpanKey:
     persistent: bool
     held: bool
     partition: bool
+    documents: bool = False  # attention under a document mask (profiled with the dense one)
 
 
 @functools.lru_cache(maxsize=512)
@@ -113,7 +115,7 @@ def _profile(key: SpanKey) -> Profile:
     cfg = replace(m, n_layers=blocks, vocab_size=8 * t)
     with _fake_tp(t, sp) as (dims, own_pg):
         span = Span(0, blocks, checkpointed=checkpointed, modules=modules, partition=partition and own_pg)
-        prof = _run(cfg, span, dims, b, s, bf16, persistent, held)
+        prof = _run(cfg, span, dims, b, s, bf16, persistent, held, key.documents)
     if partition and not own_pg:  # kept as 1/t of the input, all-gathered whole for the replay
         d = 4 * b * s * m.dim
         prof = replace(prof, bwd_peak=prof.bwd_peak + d - d // t)
@@ -143,7 +145,7 @@ def _fake_tp(t: int, sp: bool):
         dist.destroy_process_group()
 
 
-def _run(cfg, span, dims, b, s, bf16, persistent, held) -> Profile:
+def _run(cfg, span, dims, b, s, bf16, persistent, held, documents=False) -> Profile:
     import unittest.mock
 
     from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
@@ -172,7 +174,9 @@ def _run(cfg, span, dims, b, s, bf16, persistent, held) -> Profile:
         model.train()
         runner = model.block_runner
         x = torch.zeros(b, s // t if dims.sequence_parallel else s, m.dim, requires_grad=True)
-        rope = model.rope[:s]
+        # the forward's shared tensors (formula.document_tensors counts them), made before counting
+        docs = torch.zeros(b, s, dtype=torch.long) if documents else None
+        pos = model.positions(s, docs, torch.bfloat16 if bf16 else torch.float32)
         if persistent:
             for p in model.parameters():
                 p.grad = torch.zeros_like(p)
@@ -187,7 +191,7 @@ def _run(cfg, span, dims, b, s, bf16, persistent, held) -> Profile:
 
             hold = torch.autograd.graph.saved_tensors_hooks(pack, holder.__getitem__) if held else _null()
             with hold, autocast:
-                y = runner(x, rope)
+                y = runner(x, pos)
             fwd_peak = live.peak - start
             # The incoming gradient is made fresh inside backward, owned by autograd alone (as the
             # next span's backward hands it over): autograd may then accumulate into it in place.

@@ -127,49 +127,54 @@ class BlockRunner:
             return self.dims
         return None
 
-    def __call__(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        """x (b, s, h) -- or (b, s/tp, h) under SP -- through every block."""
+    def __call__(self, x: torch.Tensor, pos) -> torch.Tensor:
+        """x (b, s, h) -- or (b, s/tp, h) under SP -- through every block; pos: the forward's
+        model.Positions (rotary angles, document mask), shared by all blocks."""
         if not torch.is_grad_enabled():  # evaluation: nothing is kept, nothing to recompute
             for layer in self.layers:
-                x = layer(x, rope)
+                x = layer(x, pos)
             return x
-        self.saved.begin_forward(x.device)
+        # pos's tensors live for the whole step whatever the policy: not a span's activations
+        self.saved.begin_forward(x.device, shared=pos.tensors())
         for span in self.spans:
             group = self.saved.open_group(span.label, span.offload)
             try:
                 with group.hooks():
                     if span.checkpointed:
                         stash = Stash((x,), group, self.partition_for(span))
-                        x = checkpoint(self._run_span, stash, rope, span, rng=self.rng)
+                        x = checkpoint(self._run_span, stash, pos, span, rng=self.rng)
                     else:
-                        x = self._run_blocks(x, rope, span)
+                        x = self._run_blocks(x, pos, span)
                 self.saved.close_group(group)
             finally:  # a span that raises must not leave its group current (Recomputed reads it)
                 self.saved.current = None
         return x
 
-    def _run_span(self, stash: Stash, rope: torch.Tensor, span: Span) -> torch.Tensor:
+    def _run_span(self, stash: Stash, pos, span: Span) -> torch.Tensor:
         (x,) = stash.take()
-        return self._run_blocks(x, rope, span)
+        return self._run_blocks(x, pos, span)
 
-    def _run_blocks(self, x, rope, span: Span):
+    def _run_blocks(self, x, pos, span: Span):
         for layer in self.layers[span.start:span.stop]:
-            x = self._run_pointwise(layer, x, rope) if span.pointwise else layer(x, rope)
+            x = self._run_pointwise(layer, x, pos) if span.pointwise else layer(x, pos)
         return x
 
-    def _run_pointwise(self, layer, x, rope):
+    def _run_pointwise(self, layer, x, pos):
         """One block under op-level recompute: the stash keeps x, the Kept the matmul and
         attention outputs of the block's sublayers; the last residual add (and its dropout,
         whose mask is kept as without recompute) runs outside the checkpoint."""
         group = self.saved.current
         stash = Stash((x,), group)
-        x, mlp_out = checkpoint(self._sublayers, stash, layer, rope, rng=self.rng, kept=Kept(group))
+        x, mlp_out = checkpoint(self._sublayers, stash, layer, pos, rng=self.rng, kept=Kept(group))
         return x + layer.dropout(mlp_out)
 
     @staticmethod
-    def _sublayers(stash: Stash, layer, rope):
+    def _sublayers(stash: Stash, layer, pos):
         (x,) = stash.take()
-        return layer.sublayers(x, rope)
+        return layer.sublayers(x, pos)
+
+
+_IN_STASH = object()  # where a Recomputed module's tensor argument goes back in its replay
 
 
 class Recomputed(nn.Module):
@@ -189,10 +194,15 @@ class Recomputed(nn.Module):
         self.__dict__["rng"] = rng
 
     def forward(self, *args):
-        return checkpoint(self._replay, Stash(args, self.saved.current), rng=self.rng)
+        # Tensors go into the stash (kept, offloaded, counted); anything else (core attention's
+        # document mask, shared by all blocks, or None) is passed as it is.
+        tensors = tuple(a for a in args if isinstance(a, torch.Tensor))
+        others = tuple(_IN_STASH if isinstance(a, torch.Tensor) else a for a in args)
+        return checkpoint(self._replay, Stash(tensors, self.saved.current), others, rng=self.rng)
 
-    def _replay(self, stash: Stash):
-        return self.inner(*stash.take())
+    def _replay(self, stash: Stash, others: tuple):
+        tensors = iter(stash.take())
+        return self.inner(*(next(tensors) if a is _IN_STASH else a for a in others))
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -444,15 +444,19 @@ class SavedTensors:
         self.pool.reserve(host_bytes)
         self.copier.warm_up(reload_bytes)
 
-    def begin_forward(self, device: torch.device) -> None:
-        """Called once per model forward, before the first block."""
+    def begin_forward(self, device: torch.device, shared=()) -> None:
+        """Called once per model forward, before the first block. shared: tensors that the
+        forward holds for all blocks (rotary angles, a document mask): like parameters, never
+        stored as a block's activations (nor offloaded once per block)."""
         self.build(device)
         # Parameters and buffers can be re-materialised (init_weights, DeepSpeed): look them up
         # every forward; a set of a few hundred pointers.
         # The storages are held until the next forward: a storage ZeRO-3 swaps out of a
         # parameter is freed, and an activation allocated later could take its key.
         self._static_storages = [t.untyped_storage() for t in (*self.model.parameters(), *self.model.buffers())]
-        self.static = {s._cdata for s in self._static_storages}
+        # The shared tensors are alive for the whole forward (the only time store() runs) and
+        # are not held here: the last step's mask must not outlive its backward.
+        self.static = {s._cdata for s in self._static_storages} | {t.untyped_storage()._cdata for t in shared}
         self._in_flight.clear()  # the previous forward's copies precede this one's on the same stream
         live = [g for g in (ref() for ref in self._groups) if g is not None]
         if all(g.done for g in live):

@@ -21,6 +21,7 @@ into full tensors and re-sliced for another.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -498,6 +499,82 @@ def reshard(path: str | Path, manifest: dict, module: nn.Module) -> tuple[dict, 
             else:  # the step counter: the same on every rank
                 optim["state"][name][key] = value.clone() if torch.is_tensor(value) else value
     return model, optim
+
+
+class ZeroFragments:
+    """One TP rank's DeepSpeed ZeRO-1/2 optimizer state, by parameter name: the fp32 master
+    weights and Adam moments that the data-parallel ranks' partitions hold between them.
+
+    Every DP rank d's file (deepspeed/[bf16_]zero_pp_rank_{d}_mp_rank_{tp:02d}_optim_states.pt)
+    holds, per parameter group, a flat slice of the group's concatenated parameters and, in
+    `param_slice_mappings`, where each parameter's fragment of it starts and how long it is; a
+    parameter is its fragments in DP-rank order. The files are memory-mapped and a tensor is
+    joined only when asked for (`tensor`), so reading costs one full tensor at a time."""
+
+    KEYS = ("param", "exp_avg", "exp_avg_sq")
+
+    def __init__(self, path: Path, manifest: dict, tp_rank: int):
+        from bigtrain.safe_load import deepspeed_allowed  # imports deepspeed: only for its checkpoints
+
+        allowed = deepspeed_allowed()
+        root = Path(path) / "deepspeed"
+        model_states = load_tensors(root / f"mp_rank_{tp_rank:02d}_model_states.pt", allowed, mmap=True)
+        self.shapes = {n: tuple(sh) for group in model_states["param_shapes"] for n, sh in group.items()}
+        self.fragments: dict[str, dict[str, list[torch.Tensor]]] = {}
+        self.steps: dict[str, torch.Tensor] = {}
+        self.groups: list[dict] = []
+        for d in range(manifest["dp"]):
+            files = sorted(root.glob(f"*zero_pp_rank_{d}_mp_rank_{tp_rank:02d}_optim_states.pt"))
+            if len(files) != 1:
+                raise UserError(f"checkpoint {str(path)!r}: DeepSpeed's optimizer partition of dp rank {d}, tp rank "
+                                f"{tp_rank} is {'missing' if not files else 'there twice'} under {root}")
+            osd = load_tensors(files[0], allowed, mmap=True)["optimizer_state_dict"]
+            base = osd["base_optimizer_state"]
+            if d == 0:
+                self.groups = [{k: v for k, v in g.items() if k != "params"} for g in base["param_groups"]]
+            for g, mapping in enumerate(osd["param_slice_mappings"]):
+                flat = {"param": osd["single_partition_of_fp32_groups"][g], **base["state"][g]}
+                for name, frag in mapping.items():
+                    entry = self.fragments.setdefault(name, {k: [] for k in self.KEYS})
+                    for key in self.KEYS:
+                        entry[key].append(flat[key].narrow(0, frag.start, frag.numel))
+                    self.steps.setdefault(name, flat["step"])
+        missing = sorted(set(self.shapes) - set(self.fragments))
+        if missing:
+            raise UserError(f"checkpoint {str(path)!r}: DeepSpeed's optimizer partitions hold no fragment of "
+                            f"{missing[:3]}")
+
+    def tensor(self, name: str, key: str) -> torch.Tensor:
+        """Parameter `name`'s `key` ("param", "exp_avg" or "exp_avg_sq"), whole (this TP rank's shard)."""
+        shape = self.shapes[name]
+        parts = self.fragments[name][key]
+        flat = torch.cat(parts) if len(parts) > 1 else parts[0].clone()
+        if flat.numel() != math.prod(shape):
+            raise UserError(f"DeepSpeed checkpoint: {name}'s fragments hold {flat.numel()} values, its shape "
+                            f"{shape} needs {math.prod(shape)}")
+        return flat.view(shape)
+
+
+def reshard_deepspeed(path: str | Path, manifest: dict, module: nn.Module) -> tuple[dict, dict]:
+    """reshard() from a DeepSpeed ZeRO-1/2 checkpoint, for a DDP run at any layout: the model is
+    DeepSpeed's fp32 master weights (in bf16 training more precise than its module's), the
+    optimizer state its Adam moments, both re-keyed by name and cut to this rank's slices."""
+    if manifest["config"]["parallel"].get("zero_stage") == 3:
+        raise UserError(f"checkpoint {str(path)!r} was written by DeepSpeed ZeRO-3, whose partitions resume only "
+                        f"under parallel.engine=deepspeed parallel.zero_stage=3 at tp={manifest['tp']} "
+                        f"dp={manifest['dp']}")
+    meta = read_rank_file(path, 0, mmap=True)["shards"]
+    params = dict(module.named_parameters())
+    tp_states = [ZeroFragments(Path(path), manifest, r) for r in range(manifest["tp"])]
+
+    def mine(name: str, key: str) -> torch.Tensor:
+        pieces = [st.tensor(name, key) for st in tp_states]
+        return part_of(pieces, meta[name], shard_of(params[name]) if name in params else None)
+
+    model = {n: mine(n, "param") for n in meta}
+    state = {n: {"step": tp_states[0].steps[n].clone(), "exp_avg": mine(n, "exp_avg"),
+                 "exp_avg_sq": mine(n, "exp_avg_sq")} for n in meta}
+    return model, {"groups": tp_states[0].groups, "state": state}
 
 
 def _shard_file_names(manifest: dict) -> list[str]:

@@ -146,15 +146,18 @@ class AsyncSaver:
 
 def restore_state(c, path: Path) -> int:
     """Restore weights, optimizer, RNG and data position from a full checkpoint; returns its
-    step. At another tp/dp layout (DDP only) the model and optimizer are resharded."""
+    step. At another tp/dp layout (DDP only), or from DeepSpeed ZeRO-1/2 into DDP, the model and
+    optimizer are resharded."""
     cfg, dims = c.job.cfg, c.dims
     manifest = ckpt.read_manifest(path)
     ckpt.check_resumable(path, manifest)
     check_same_model(manifest["config"]["model"], to_dict(cfg)["model"], path)
-    if manifest.get("engine", "ddp") != cfg.parallel.engine:
-        raise UserError(f"checkpoint {str(path)!r} was written with parallel.engine={manifest.get('engine')}; "
-                        f"resume it with the same engine")
-    same_layout = (manifest["tp"], manifest["dp"]) == (dims.tp, dims.dp)
+    saved_engine = manifest.get("engine", "ddp")
+    from_deepspeed = saved_engine == "deepspeed" and cfg.parallel.engine == "ddp"
+    if saved_engine != cfg.parallel.engine and not from_deepspeed:
+        raise UserError(f"checkpoint {str(path)!r} was written with parallel.engine={saved_engine}; resume it "
+                        f"with that engine (a DeepSpeed ZeRO-1/2 checkpoint also resumes under parallel.engine=ddp)")
+    same_layout = (manifest["tp"], manifest["dp"]) == (dims.tp, dims.dp) and not from_deepspeed
     if same_layout:
         saved = ckpt.read_rank_file(path, dims.rank)
         if "model" in saved or c.engine.loads_module_weights:  # (DeepSpeed reads its own files)
@@ -169,7 +172,8 @@ def restore_state(c, path: Path) -> int:
         raise UserError(f"checkpoint {str(path)!r} was written at tp={manifest['tp']} dp={manifest['dp']}; "
                         f"DeepSpeed checkpoints resume only at the same layout (tp={dims.tp} dp={dims.dp} now)")
     else:
-        model_state, optim_state = ckpt.reshard(path, manifest, c.module)
+        reshard = ckpt.reshard_deepspeed if from_deepspeed else ckpt.reshard
+        model_state, optim_state = reshard(path, manifest, c.module)
         c.engine.load_state_dict({"optim": optim_state})
         # The default RNG streams advance identically on every rank: take rank 0's. The
         # per-TP-rank "tp" streams have no counterpart at another tp: they start afresh from
@@ -184,7 +188,8 @@ def restore_state(c, path: Path) -> int:
     c.train_loader.load_state_dict(manifest["data"])
     step = int(manifest["step"])
     if dims.rank == 0:
-        how = "" if same_layout else f" (resharded from tp={manifest['tp']} dp={manifest['dp']})"
+        how = "" if same_layout else f" (resharded from tp={manifest['tp']} dp={manifest['dp']}" + \
+            (f", DeepSpeed ZeRO-{manifest['config']['parallel']['zero_stage']})" if from_deepspeed else ")")
         print(f"resumed from {path} at step {step}{how}", flush=True)
     return step
 

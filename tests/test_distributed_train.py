@@ -144,6 +144,59 @@ def test_deepspeed_save_and_resume(layout, tiny_data, tmp_path):
     assert resumed == full[3:]  # same layout, same engine: bitwise
 
 
+def _resume_under_ddp(rank, world, overrides, saved):
+    """A DDP run resumed from a DeepSpeed checkpoint: its weights right after the restore must
+    be the checkpoint's bitwise (at tp=1 each rank holds them whole); then it trains on."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    torch.manual_seed(0)
+    trainer = Trainer(load_config("configs/debug.yaml", overrides))
+    restored = {n: p.detach().clone() for n, p in trainer.module.named_parameters()}
+    assert restored.keys() <= saved.keys()
+    for name, value in restored.items():
+        assert torch.equal(value, saved[name]), name
+    return [r["loss"] for r in trainer.train()]
+
+
+@pytest.mark.parametrize("layout, to", [("zero2_dp2", (1, [])), ("zero1_tp2_dp2", (2, ["parallel.dp=2"]))],
+                         ids=["zero2_dp2-to-ddp_dp1", "zero1_tp2_dp2-to-ddp_tp1_dp2"])
+def test_deepspeed_checkpoint_resumes_under_ddp(layout, to, tiny_data, tmp_path):
+    """ZeRO-1/2 -> DDP at another layout: DeepSpeed's fp32 masters and Adam moments, joined from
+    its partitions and cut for the new layout. Restored weights bitwise; the continuation matches
+    the uninterrupted DeepSpeed run to the layouts' tolerance (another reduction order)."""
+    world, extra = DEEPSPEED[layout]
+    five = ["train.steps=5", "train.save_every=3"]
+    full = run_ranks(train, world, base(tiny_data, tmp_path / "full", *extra, *five), timeout=240)[0]
+    step3 = ckpt.checkpoint_root(tmp_path / "full") / "step_00000003"
+    saved = ckpt.full_model_state(step3, ckpt.read_manifest(step3))
+    new_world, new_extra = to
+    resumed = run_ranks(_resume_under_ddp, new_world, base(tiny_data, tmp_path / "resumed", *new_extra, *five,
+                                                           f"train.resume={step3}"), saved, timeout=240)[0]
+    torch.testing.assert_close(torch.tensor(resumed), torch.tensor(full[3:]), rtol=LOSS_RTOL, atol=0)
+    got, want = final_params(tmp_path / "resumed"), final_params(tmp_path / "full")
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=PARAM_RTOL, atol=PARAM_ATOL, msg=name)
+
+
+def _resume_error(rank, world, overrides):
+    from bigtrain.errors import UserError
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    try:
+        Trainer(load_config("configs/debug.yaml", overrides))
+    except UserError as e:
+        return str(e)
+    return None
+
+
+def test_zero3_checkpoint_under_ddp_is_refused_in_one_line(tiny_data, tmp_path):
+    world, extra = DEEPSPEED["zero3_dp2"]
+    run_ranks(train_zero3_partitioned, world, base(tiny_data, tmp_path / "z3", *extra), timeout=240)
+    step = ckpt.latest_checkpoint(tmp_path / "z3")
+    errors = run_ranks(_resume_error, 1, base(tiny_data, tmp_path / "ddp", f"train.resume={step}"), timeout=120)
+    assert "written by DeepSpeed ZeRO-3" in errors[0] and "parallel.zero_stage=3" in errors[0], errors
+    assert "\n" not in errors[0]
+
+
 def test_tp2_dropout_resume_is_exact(tiny_data, tmp_path):
     """With dropout inside split regions, the per-rank "tp" RNG stream is checkpointed too: a
     tp=2 run resumed at step 3 continues bitwise like the uninterrupted one."""

@@ -5,12 +5,11 @@ bench/plan.py). Not imported by bigtrain.planner (it builds a Trainer, which use
 
 from __future__ import annotations
 
-from torch.distributed._tools.mem_tracker import MemTracker
-
 from bigtrain.config import load_config
 from bigtrain.job import resolve
 from bigtrain.planner.memory import estimate
 from bigtrain.planner.search import choose_recompute, mixed_name, uniform
+from bigtrain.planner.simulate import peak_tracker
 from bigtrain.recompute.policy import spans_of
 from bigtrain.trainer import Trainer
 
@@ -21,7 +20,7 @@ def measured_peak(cfg, steps: int = 3) -> dict:
     gradients, optimizer states, activations and every temporary, as allocated. `cfg` must
     train on the CPU (train.device=cpu) from a prepared data.path."""
     trainer = Trainer(cfg)
-    tracker = MemTracker()
+    tracker = peak_tracker()
     tracker.track_external(trainer.module, trainer.engine.optimizer)
     loss_on = trainer.loss_on
 

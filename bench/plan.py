@@ -78,14 +78,14 @@ def matrix() -> None:
     import tempfile
 
     from bigtrain.data.prepare import prepare
-    from bigtrain.planner.measure import MATRIX, matrix_config, measured_peak, planned
+    from bigtrain.planner.measure import MATRIX, MATRIX_BASE, matrix_config, measured_peak, planned
     from tests.conftest import _corpus_text
 
     tmp = Path(tempfile.mkdtemp())
     (tmp / "corpus.txt").write_text(_corpus_text())
     prepare([str(tmp / "corpus.txt")], str(tmp / "data"), vocab_size=400)
     print("\n## Peak of a training step: planner vs the real trainer (CPU tensors, MemTracker, 2 steps)\n")
-    print("Base: configs/debug.yaml + " + " ".join(__import__("bigtrain.planner.simulate", fromlist=["x"]).MATRIX_BASE)
+    print("Base: configs/debug.yaml + " + " ".join(MATRIX_BASE)
           + ", fp32. Offload cases: the host pool's 1 GiB chunk is the same memory on the CPU and is counted; "
           "the last column is the error without it.\n")
     print("| case | policy | predicted MiB | measured MiB | error | error without the host pool |")

@@ -104,13 +104,15 @@ class ParallelConfig:
     """DeepSpeed: keep optimizer states in host memory."""
     zero3_persistence_threshold: int = 100000
     """DeepSpeed ZeRO-3: parameters with fewer elements than this stay whole on every rank (DeepSpeed's stage3_param_persistence_threshold; 0 partitions every parameter)."""
+    zero_bucket_size: int = 500_000_000
+    """DeepSpeed: elements per gradient-reduction bucket (reduce_bucket_size) and, at stages 1-2, per all-gather bucket (allgather_bucket_size); DeepSpeed's default. Smaller buckets take less memory (bigtrain plan counts one) and overlap more, at more collectives."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """Process-group backend; auto is nccl with CUDA, gloo on CPU."""
     timeout_s: float = 600.0
     """Seconds a collective waits for the other ranks before the job stops with an error naming the ranks that stopped answering (torch's default is 30 minutes)."""
 
     def validate(self) -> None:
-        _positive(self, "tp", "timeout_s")
+        _positive(self, "tp", "timeout_s", "zero_bucket_size")
         _nonnegative(self, "dp", "zero3_persistence_threshold")
         if self.zero_stage not in (1, 2, 3):
             raise ConfigError(f"parallel.zero_stage={self.zero_stage} is not allowed; choose 1, 2 or 3")

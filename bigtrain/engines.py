@@ -244,7 +244,9 @@ def _all_reduced(grad: torch.Tensor, group) -> torch.Tensor:
 def deepspeed_config(job: Job, device: torch.device) -> dict:
     """DeepSpeed's config for this job: ZeRO stage, batch arithmetic, clipping, bf16."""
     cfg = job.cfg
-    zero = {"stage": cfg.parallel.zero_stage}
+    zero = {"stage": cfg.parallel.zero_stage, "reduce_bucket_size": cfg.parallel.zero_bucket_size}
+    if cfg.parallel.zero_stage < 3:
+        zero["allgather_bucket_size"] = cfg.parallel.zero_bucket_size
     if cfg.parallel.zero_stage == 3:
         zero["stage3_param_persistence_threshold"] = cfg.parallel.zero3_persistence_threshold
     if cfg.parallel.offload_optimizer:

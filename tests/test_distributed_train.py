@@ -112,6 +112,9 @@ DEEPSPEED = {
     "zero3_dp2": (2, ["parallel.dp=2", "parallel.engine=deepspeed", "parallel.zero_stage=3"]),
     "zero2_offload_dp2": (2, ["parallel.dp=2", "parallel.engine=deepspeed", "parallel.zero_stage=2",
                               "parallel.offload_optimizer=true"]),
+    # buckets of 4096 elements: the tiny model's gradients take many reductions and all-gathers
+    "zero2_dp2_small_buckets": (2, ["parallel.dp=2", "parallel.engine=deepspeed", "parallel.zero_stage=2",
+                                    "parallel.zero_bucket_size=4096"]),
 }
 
 

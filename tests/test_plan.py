@@ -56,6 +56,25 @@ def _tp2_params(rank, world):
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
+def test_deepspeed_buckets_come_from_the_config():
+    """parallel.zero_bucket_size reaches DeepSpeed's config and the planner's bucket: one
+    reduction bucket of that many elements (capped at the parameters), not DeepSpeed's default."""
+    from bigtrain.engines import deepspeed_config
+
+    def job(*extra):
+        return resolve(_cfg("configs/llama-1b.yaml", "parallel.engine=deepspeed", "parallel.zero_stage=2",
+                            "parallel.dp=8", *extra), 8, "cuda")
+
+    default, small = job(), job("parallel.zero_bucket_size=50000000")
+    zero = deepspeed_config(small, torch.device("cpu"))["zero_optimization"]
+    assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == 50_000_000
+    n = P.rank_params(default)
+    pb = 2 if default.bf16 else 4  # bytes per gradient element in the bucket
+    assert P.model_states(default, n).buffers == pb * min(n.total, 500_000_000)
+    assert P.model_states(small, n).buffers == pb * 50_000_000
+    assert P.estimate(small, P.uniform("none", 22)).peak < P.estimate(default, P.uniform("none", 22)).peak
+
+
 def test_parameter_count_at_tp2_is_exact():
     counts = run_ranks(_tp2_params, 2)
     cfg = _cfg("configs/debug.yaml", "model.vocab_size=4095", "parallel.tp=2")

@@ -83,7 +83,7 @@ def model_states(job: Job, n: Params) -> States:
     optimizer = (master + 8 * n.total) // dp
     grads = (4 * n.total) // dp if stage >= 2 else pb * n.total  # fp32 partition vs full bf16/fp32
     params = pb * n.total // dp if stage == 3 else pb * n.total
-    bucket = pb * min(n.total, 500_000_000)  # reduce_bucket_size's default, 5e8 elements
+    bucket = pb * min(n.total, p.zero_bucket_size)  # one reduction bucket (reduce_bucket_size), as configured
     if stage == 3:
         # gathered working set: this block and the prefetched next, or the output layer's weight
         bucket += max(2 * pb * n.per_block, pb * n.output * job.tp)

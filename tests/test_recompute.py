@@ -150,6 +150,40 @@ def test_partition_pads_uneven_tensors(world):
     assert all(run_ranks(_partition_round_trip, world))
 
 
+def _partition_prefetch(rank, world, r):
+    """The all-gathers started ahead of their recompute, in backward order, under policy r."""
+    import importlib
+
+    ck = importlib.import_module("bigtrain.recompute.checkpoint")  # (bigtrain.recompute.checkpoint is also a function)
+    started = []
+    real = ck.start_all_gather
+
+    def spy(x, group):
+        started.append(x.numel())
+        return real(x, group)
+
+    ck.start_all_gather = spy
+    try:
+        dims = ParallelDims.build(world, rank, tp=2)
+        got = run_model(dims, r)
+    finally:
+        ck.start_all_gather = real
+    return len(started), got["grads"]["layers.0.attention.wq.weight"].sum().item()
+
+
+@pytest.mark.slow
+def test_partition_all_gathers_are_prefetched():
+    """full+partition: each span's recompute starts the previous span's all-gather (2 of 3
+    spans per backward, twice: the model and the block stack in run_model), so it overlaps this
+    span's recompute and backward; offloaded pieces are left to the offload chain. Gradients
+    stay bitwise those of no recompute (test_tp2_modes_are_bitwise_equal_to_no_recompute)."""
+    L = model_cfg().n_layers
+    for count, _ in run_ranks(_partition_prefetch, 2, rc(granularity="full", partition=True)):
+        assert count == 2 * (L - 1)
+    for count, _ in run_ranks(_partition_prefetch, 2, rc(granularity="full", partition=True, offload=True)):
+        assert count == 0
+
+
 # ---------------------------------------------------------------------------------------------
 # FLOPs: the recompute really happens, and only where asked
 

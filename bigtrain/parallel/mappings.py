@@ -59,6 +59,14 @@ def all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     return out.view(n, *x.shape).movedim(0, dim).flatten(dim, dim + 1).contiguous()
 
 
+def start_all_gather(x: torch.Tensor, group) -> tuple[torch.Tensor, object]:
+    """Start concatenating every rank's flat x (n,) into (size * n,), rank order; returns
+    (output, work): the output is valid once work.wait() has returned (on CUDA the current
+    stream then waits for the collective's)."""
+    out = x.new_empty(group_size(group) * x.numel())
+    return out, _all_gather_single(out, x.contiguous(), group=group, async_op=True)
+
+
 def reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     """Sum over the group, keep this rank's 1/size chunk along dim."""
     n, dim = group_size(group), dim % x.dim()

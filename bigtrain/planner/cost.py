@@ -2,7 +2,8 @@
 
 Recomputed FLOPs at hardware.peak_tflops * hardware.mfu, recomputed elementwise modules (norm,
 mlp_act, pointwise) at hardware.memory_bandwidth, offload copies beyond what the block's own compute hides at
-hardware.host_bandwidth, and partition all-gathers (not overlapped) at hardware.tp_bandwidth.
+hardware.host_bandwidth, and partition all-gathers at hardware.tp_bandwidth (exposed for the first of
+backward; each later one is started during the next span's recompute and backward).
 These rank policies against each other; they are not measurements.
 """
 
@@ -52,7 +53,15 @@ def overhead(job: Job, n, spans: list[Span]) -> float:
             # flight), host->device during the next span's backward (about twice its forward)
             extra += max(0.0, moved - fwd_time - next_fwd) + max(0.0, moved - 2 * fwd_time)
         if span.partition and t > 1 and not sh.sp:
-            extra += 4 * S * m.dim * (t - 1) / t / tpbw  # the replay's all-gather, not overlapped
+            gather = 4 * S * m.dim * (t - 1) / t / tpbw
+            nxt = spans[i + 1] if i + 1 < len(spans) else None
+            piece_on_device = not span.offload or 4 * -(-S * m.dim // t) < min_bytes
+            if nxt is not None and nxt.checkpointed and nxt.partition and piece_on_device:
+                # started by the next span's replay (Stash.prefetch): hidden behind that span's
+                # recompute and backward, about three of its forwards
+                extra += max(0.0, gather - 3 * next_fwd)
+            else:
+                extra += gather  # the first of backward, or after an unpartitioned span: exposed
     return extra / step
 
 

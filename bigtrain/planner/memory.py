@@ -165,13 +165,14 @@ def estimate(job: Job, spans: list[Span], policy: str = "", n: Params | None = N
     # its backward's transients (replays, temporaries, its gradients as they are made).
     grads = head.grads
     cur = base + sum(kept_dev) + ids  # the incoming gradient (D) is part of each span's profile
+    ahead = _prefetched_gathers(job, spans, min_bytes)
     for i in range(len(spans) - 1, -1, -1):
         # An offloaded span's kept tensors come back to the device for its backward, and the
         # nearest earlier span with host copies is prefetched meanwhile (any span's backward
         # prefetches it, offloaded or not).
         prefetched = next((h for h in reversed(host_of[:i]) if h), 0)
         back = host_of[i] + prefetched
-        peak_bwd = max(peak_bwd, cur + grads + prof[i].bwd_peak + back)
+        peak_bwd = max(peak_bwd, cur + grads + prof[i].bwd_peak + back + ahead[i])
         cur -= kept_dev[i]
         grads += prof[i].grads if not persistent else 0
     # The embedding's backward makes a dense (v, h) gradient; tied or accumulated, it is added
@@ -186,6 +187,26 @@ def estimate(job: Job, spans: list[Span], policy: str = "", n: Params | None = N
     components = _components(phases, st, activations, pool)
     return Estimate(policy, spans, components, phases, st.host + offloaded, pinned, overhead(job, n, spans),
                     sum(kept_dev), st.host + pinned)
+
+
+def _prefetched_gathers(job: Job, spans: list[Span], min_bytes: int) -> list[int]:
+    """Per span, the bytes of the previous span's all-gathered input that its backward holds:
+    under full+partition a span's recompute starts the all-gather of the previous span's
+    partitioned input (Stash.prefetch), when that span's piece stayed on the device."""
+    sh = job.shape
+    n = sh.b * sh.s * job.cfg.model.dim  # one block input (fp32)
+    piece = -(-n // job.tp) * 4
+
+    def partitioned(s: Span) -> bool:
+        return s.checkpointed and s.partition and job.tp > 1 and not sh.sp
+
+    out = [0] * len(spans)
+    for i in range(1, len(spans)):
+        prev = spans[i - 1]
+        on_device = not prev.offload or piece < min_bytes
+        if partitioned(spans[i]) and partitioned(prev) and on_device:
+            out[i] = job.tp * piece
+    return out
 
 
 def _save_phase(job: Job, st: States, n: Params) -> int:

@@ -30,7 +30,7 @@ import torch
 import torch.utils.checkpoint as torch_checkpoint
 
 from bigtrain.parallel.dims import ParallelDims
-from bigtrain.parallel.mappings import all_gather
+from bigtrain.parallel.mappings import all_gather, start_all_gather
 from bigtrain.parallel.random import RNGTracker, get_default_rng_state, set_default_rng_state
 
 _RECOMPUTING = contextvars.ContextVar("bigtrain_recomputing", default=False)
@@ -114,18 +114,38 @@ class Stash:
         self._partition = partition if partition is not None and partition.tp > 1 else None
         self._meta = [(t.shape, t.requires_grad) for t in tensors]
         self._kept = [group.store(self._piece(t)) if group is not None else self._piece(t) for t in tensors]
+        self.before: Stash | None = None
+        """The previous span's partitioned stash (set by the block runner): its recompute comes
+        right after this one's, so this one's replay starts its all-gathers (`prefetch`)."""
+        self._gathering: list | None = None  # (output, work) per tensor, started by prefetch()
 
     def take(self) -> tuple[torch.Tensor, ...]:
         if self._live is not None:
             live, self._live = self._live, None  # the forward: drop our reference to the caller's tensors
             return live
+        gathering, self._gathering = self._gathering, None
         out = []
-        for kept, (shape, requires_grad) in zip(self._kept, self._meta):
-            t = self._group.load(kept) if self._group is not None else kept
-            if self._partition is not None:
+        for i, (kept, (shape, requires_grad)) in enumerate(zip(self._kept, self._meta)):
+            t = self._group.load(kept) if self._group is not None else kept  # (drives the offload chain)
+            if gathering is not None:  # started during the next span's backward
+                full, work = gathering[i]
+                work.wait()
+                t = full[:shape.numel()].view(shape)
+            elif self._partition is not None:
                 t = self._gather(t, shape)
             out.append(t.detach().requires_grad_(requires_grad))
+        if self.before is not None:
+            self.before.prefetch()  # overlaps this span's recompute and backward
         return tuple(out)
+
+    def prefetch(self) -> None:
+        """Start the all-gathers of a partitioned stash's pieces now, ahead of its recompute, when
+        they are on the device (an offloaded piece's reload is prefetched by the offload chain)."""
+        if self._partition is None or self._live is not None or self._gathering is not None:
+            return
+        if not all(isinstance(k, torch.Tensor) for k in self._kept):
+            return
+        self._gathering = [start_all_gather(k, self._partition.tp_group) for k in self._kept]
 
     def _piece(self, t: torch.Tensor) -> torch.Tensor:
         if self._partition is None:

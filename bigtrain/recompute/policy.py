@@ -136,14 +136,22 @@ class BlockRunner:
             return x
         # pos's tensors live for the whole step whatever the policy: not a span's activations
         self.saved.begin_forward(x.device, shared=pos.tensors())
+        previous = None  # the previous span's stash, when it is partitioned
         for span in self.spans:
             group = self.saved.open_group(span.label, span.offload)
             try:
                 with group.hooks():
                     if span.checkpointed:
-                        stash = Stash((x,), group, self.partition_for(span))
+                        partition = self.partition_for(span)
+                        stash = Stash((x,), group, partition)
+                        if partition is not None:
+                            # its replay starts the previous span's all-gather (the next recompute)
+                            stash.before, previous = previous, stash
+                        else:
+                            previous = None
                         x = checkpoint(self._run_span, stash, pos, span, rng=self.rng)
                     else:
+                        previous = None
                         x = self._run_blocks(x, pos, span)
                 self.saved.close_group(group)
             finally:  # a span that raises must not leave its group current (Recomputed reads it)

@@ -78,6 +78,24 @@ def test_layout_matches_single_process(layout, tiny_data, tmp_path, reference):
     assert_matches(reference, losses[0], final_params(out))
 
 
+BF16_LOSS_RTOL = 1e-4  # bf16 matmuls of other shapes (tp shards) round differently; measured 6e-6
+
+
+def test_bf16_autocast_at_tp2_with_and_without_sequence_parallelism(tiny_data, tmp_path):
+    """train.dtype=bf16 (the GPU default) at tp=2, with and without SP, against one process.
+    With SP the norm output is cast to bf16 before the all-gather and kept as this rank's bf16
+    slice (re-gathered in backward); at tp=2 every sum has two operands, so SP and plain TP give
+    bitwise the same losses. (Before the cast-before-gather change SP under autocast failed in
+    the output layer's backward: a bf16 gradient times its fp32 gathered input.)"""
+    bf16 = ["train.dtype=bf16"]
+    single = run_ranks(train, 1, base(tiny_data, tmp_path / "single", *bf16), timeout=240)[0]
+    tp2 = run_ranks(train, 2, base(tiny_data, tmp_path / "tp2", *bf16, "parallel.tp=2"), timeout=240)[0]
+    sp = run_ranks(train, 2, base(tiny_data, tmp_path / "sp", *bf16, "parallel.tp=2",
+                                  "parallel.sequence_parallel=true"), timeout=240)[0]
+    assert sp == tp2
+    torch.testing.assert_close(torch.tensor(tp2), torch.tensor(single), rtol=BF16_LOSS_RTOL, atol=0)
+
+
 def _resume(rank, world, overrides):
     return train(rank, world, overrides)
 

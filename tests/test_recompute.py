@@ -64,8 +64,10 @@ MODES_TP2 = {
 }
 
 
-def run_model(dims: ParallelDims, r: RecomputeConfig, sp: bool = False, dropout: float = 0.1, account: bool = False):
-    """One forward/backward of a fresh model under policy r; what must match across policies."""
+def run_model(dims: ParallelDims, r: RecomputeConfig, sp: bool = False, dropout: float = 0.1, account: bool = False,
+              autocast: bool = False):
+    """One forward/backward of a fresh model under policy r; what must match across policies.
+    autocast: the forwards under CPU bf16 autocast (as the trainer's, without the weight cache)."""
     cfg = model_cfg(dropout)
     rng = seed_rng(7, dims)  # default generators and the "tp" stream, identical for every policy
     model = build_model(cfg)
@@ -74,12 +76,14 @@ def run_model(dims: ParallelDims, r: RecomputeConfig, sp: bool = False, dropout:
     init_weights(model, seed=0)
     tokens = torch.randint(0, cfg.vocab_size, (B, S + 1), generator=torch.Generator().manual_seed(3))
     report = None
+    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast, cache_enabled=False)
     if account:
-        with ActivationAccountant(model) as acc:
+        with ActivationAccountant(model) as acc, amp:
             logits = model(tokens[:, :-1])
         report = acc.report
     else:
-        logits = model(tokens[:, :-1])
+        with amp:
+            logits = model(tokens[:, :-1])
     loss = cross_entropy(logits, tokens[:, 1:], dims.tp_group, cfg.vocab_size)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -91,7 +95,9 @@ def run_model(dims: ParallelDims, r: RecomputeConfig, sp: bool = False, dropout:
                     requires_grad=True)
     before = x.detach().clone()
     g = torch.randn(x.shape, generator=torch.Generator().manual_seed(6))
-    (model.block_runner(x, model.positions(S)) * g).sum().backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast, cache_enabled=False):
+        y = model.block_runner(x, model.positions(S))
+    (y * g).sum().backward()
     assert torch.equal(x.detach(), before), "the checkpoint modified its caller's input"
     return {"loss": loss.detach(), "grads": grads, "after": after, "x_grad": x.grad, "report": report}
 
@@ -236,8 +242,8 @@ def test_flop_counter_sees_exactly_the_recompute():
 # The accountant and the formula
 
 
-def _formula(r, dims=ParallelDims.single(), sp=False, dropout=0.1):
-    sh = Shape(model_cfg(dropout), B, S, dims.tp, sp, elem=4, mask_bytes=4, math_attention=dropout > 0)
+def _formula(r, dims=ParallelDims.single(), sp=False, dropout=0.1, elem=4):
+    sh = Shape(model_cfg(dropout), B, S, dims.tp, sp, elem=elem, mask_bytes=elem, math_attention=dropout > 0)
     return {label: (d, h) for label, d, h in block_formula(sh, r)}
 
 

@@ -146,8 +146,9 @@ class ColumnParallelLinear(nn.Module):
 
 class _LinearRegatherInput(torch.autograd.Function):
     """y = x W^T for x the all-gathered (b, s, in) input, keeping only `local`, this rank's
-    (b, s/tp, in) slice: backward all-gathers it again for W's gradient. The gradients are
-    bitwise those of F.linear's backward: the same two matmuls on the same operands."""
+    (b, s/tp, in) slice (in the compute dtype under autocast): backward all-gathers it again for
+    W's gradient. The gradients are bitwise those of F.linear's backward: the same two matmuls
+    on the same operands."""
 
     @staticmethod
     def forward(ctx, x, local, weight, piece: SequenceSlice):
@@ -160,9 +161,13 @@ class _LinearRegatherInput(torch.autograd.Function):
         local, weight = ctx.saved_tensors  # (b, s/tp, in): unpacked so recompute/offload see it
         piece = ctx.piece
         piece.start(local)  # the all-gather runs while the input gradient is computed
+        # Under autocast the forward multiplied the casts of the weight and of the input to the
+        # compute dtype (grad's): cast again, the same rounding (the weight's gradient goes back
+        # to fp32 as autocast's would). No-ops in fp32, and for an input cast before the gather.
+        weight = weight.to(grad.dtype)
         g = grad.reshape(-1, grad.shape[-1])  # (b*s, out)
         grad_x = g.mm(weight).view(*grad.shape[:-1], weight.shape[1])  # (b, s, in)
-        full = piece.full()
+        full = piece.full().to(grad.dtype)
         grad_w = g.t().mm(full.reshape(-1, full.shape[-1]))  # (out, in)
         return grad_x, None, grad_w, None
 

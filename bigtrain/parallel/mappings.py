@@ -5,7 +5,8 @@ Each forward collective's backward is its adjoint:
     copy_to_tp                 identity             / all-reduce
     reduce_from_tp             all-reduce           / identity
     gather_from_sequence       all-gather dim 1     / reduce-scatter dim 1
-                               (its output's SequenceSlice: the slice, re-gathered in backward)
+                               (its output's SequenceSlice: the slice, re-gathered in backward;
+                               under autocast the slice is cast before the all-gather)
     reduce_scatter_to_sequence reduce-scatter dim 1 / all-gather dim 1
 
 Activations are (b, s, h): the sequence is dim 1, not the leading dim that the single-tensor
@@ -23,6 +24,8 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
+from bigtrain.model import compute_dtype
 
 # torch 2.13 renamed the single-tensor collectives (the old names warn); older torch (the GPU
 # machine's 2.11) only has the old ones.
@@ -129,6 +132,25 @@ class _GatherFromSequence(torch.autograd.Function):
         return reduce_scatter(grad, 1, ctx.group), None
 
 
+class _GatherCastFromSequence(torch.autograd.Function):
+    """gather_from_sequence under autocast: cast this rank's slice to the compute dtype, then
+    all-gather it (half the bytes of gathering fp32 and casting the whole sequence after). Also
+    returns the cast slice (not differentiable: for SequenceSlice). Backward: the gradient in
+    the input's dtype, then the reduce-scatter -- in the input's precision, as when the cast came
+    after the gather: bitwise the same gradients."""
+
+    @staticmethod
+    def forward(ctx, x, dtype, group):
+        ctx.group, ctx.dtype = group, x.dtype
+        local = x.to(dtype)  # (b, s/tp, h)
+        ctx.mark_non_differentiable(local)
+        return all_gather(local, 1, group), local
+
+    @staticmethod
+    def backward(ctx, grad, _local_grad):
+        return reduce_scatter(grad.to(ctx.dtype), 1, ctx.group), None, None
+
+
 class SequenceSlice:
     """This rank's (b, s/tp, h) slice of an all-gathered input, kept instead of the gathered
     (b, s, h) tensor by the column-parallel projections that read it (see
@@ -202,10 +224,17 @@ def reduce_from_tp(x, group):
 
 def gather_from_sequence(x, group):
     """All-gather dim 1 / reduce-scatter dim 1. See _GatherFromSequence. The output carries a
-    SequenceSlice of x (`.sequence_slice`) for the column-parallel layers that read it."""
-    out = _apply(_GatherFromSequence, x, group)
-    if out is not x:
-        out.sequence_slice, out.sequence_local = SequenceSlice(group), x
+    SequenceSlice of x (`.sequence_slice`) for the column-parallel layers that read it. Under
+    autocast the slice is cast to the compute dtype first (the projections read that dtype):
+    _GatherCastFromSequence."""
+    if group_size(group) == 1:
+        return x
+    dtype = compute_dtype(x)
+    if dtype != x.dtype:
+        out, local = _GatherCastFromSequence.apply(x, dtype, group)
+    else:
+        out, local = _GatherFromSequence.apply(x, group), x
+    out.sequence_slice, out.sequence_local = SequenceSlice(group), local
     return out
 
 

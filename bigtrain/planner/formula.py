@@ -7,9 +7,8 @@ f = ffn_hidden, a = n_heads, per block:
 
     each RMSNorm      input in fp32 4*Sr*h + rstd 4*Sr + normalised 4*Sr*h (fp32, saved
                       before the cast back)
-    each norm output  e*S*h       (saved by the projections; under SP in fp32 only this rank's
-                      slice 4*Sr*h, all-gathered again in backward; under SP with autocast the
-                      bf16 cast of the all-gathered sequence, e*S*h)
+    each norm output  e*Sr*h      (saved by the projections in the compute dtype; under SP only
+                      this rank's slice, cast before the all-gather, all-gathered again in backward)
     fused attention   e*S*(2h + 2kv)/t  (q, k after rotary, v, output) + lse 4*S*a/t
     SwiGLU MLP        4*e*S*f/t   (gate, up, silu(gate), product)
     dropout p > 0     mask_bytes*Sr*h per residual branch (bool on CUDA, e bytes on CPU); CPU
@@ -74,10 +73,10 @@ def saved_tensors(sh: Shape) -> dict[str, int]:
         out[f"{norm}.input"] = 4 * Sr * h
         out[f"{norm}.rstd"] = 4 * Sr
         out[f"{norm}.normalised"] = 4 * Sr * h
-    # The norm output as the projections keep it: whole; under SP, fp32, this rank's 1/t slice
-    # (re-gathered in backward, parallel.layers); under SP and autocast the projections read the
-    # bf16 cast of the gathered sequence, which they keep whole.
-    proj_in = 4 * Sr * h if sh.sp and not sh.autocast else e * S * h
+    # The norm output as the projections keep it: whole, in the compute dtype; under SP this
+    # rank's 1/t slice (cast before the all-gather under autocast, re-gathered in backward:
+    # parallel.mappings, parallel.layers).
+    proj_in = e * Sr * h
     out["attention.input"] = proj_in
     if sh.math_attention:
         for name in ("q_scaled", "k_expanded", "v_expanded", "output"):

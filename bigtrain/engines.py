@@ -72,10 +72,10 @@ class Engine(abc.ABC):
     def load_state_dict(self, state: dict) -> None:
         """Restore what state_dict() returned (possibly resharded for another layout)."""
 
-    def full_parameters(self):
-        """Context in which the module's parameters hold their full values (ZeRO-3 partitions
-        them between steps). Collective."""
-        return contextlib.nullcontext()
+    def each_full_parameter(self):
+        """(name, parameter) of the module, each holding its full value while it is the current
+        one (ZeRO-3 partitions them between steps). Collective: every rank iterates to the end."""
+        yield from self.module.named_parameters()
 
     def save(self, directory: Path) -> None:
         """Write engine files beside the rank files of a checkpoint directory. Collective."""
@@ -205,12 +205,16 @@ class DeepSpeedEngine(Engine):
         self.model.step()
         return self.model.get_global_grad_norm()  # read by the trainer at logging steps
 
-    def full_parameters(self):
+    def each_full_parameter(self):
         """ZeRO-3 keeps 1/dp of each parameter between steps: gather them (read-only) for the
-        rank file, so a checkpoint holds full tensors whatever the stage. Collective."""
+        rank file one at a time, so a checkpoint holds full tensors whatever the stage and a save
+        holds one gathered parameter, not the model. Collective."""
         if self.zero_stage != 3:
-            return contextlib.nullcontext()
-        return self._deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
+            yield from self.module.named_parameters()
+            return
+        for name, p in self.module.named_parameters():
+            with self._deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                yield name, p
 
     def save(self, directory: Path) -> None:
         # Collective; DeepSpeed writes its partitioned optimizer states per rank under directory/TAG.

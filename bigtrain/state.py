@@ -70,9 +70,10 @@ def save_state(c, step: int, data_state: dict, saver: "AsyncSaver | None" = None
     copied now and written in its background thread (returns at once)."""
     holds_shards = c.dims.dp_rank == 0
     weights_file = c.engine.module_weights_file  # DeepSpeed writes the weights itself: not twice
-    with c.engine.full_parameters():  # collective under ZeRO-3: every rank enters it
-        model = {n: p.detach().cpu().clone() for n, p in c.module.named_parameters()} \
-            if holds_shards and weights_file is None else None
+    model = {} if holds_shards and weights_file is None else None
+    for name, p in c.engine.each_full_parameter():  # collective under ZeRO-3: every rank iterates
+        if model is not None:
+            model[name] = p.detach().cpu().clone()
     rank_state = {
         "shards": ckpt.shard_meta(c.module),
         "rng": ckpt.rng_state(),

@@ -151,6 +151,44 @@ def test_deepspeed_matches_single_process(layout, tiny_data, tmp_path, reference
     assert_matches(reference, losses[0], final_params(out))
 
 
+def _zero3_save_gathers(rank, world, overrides):
+    """The sizes of the parameter lists DeepSpeed gathers while a ZeRO-3 run saves."""
+    import deepspeed
+
+    from bigtrain import state
+
+    real, sizes, saving = deepspeed.zero.GatheredParameters, [], [False]
+
+    def spy(params, *args, **kwargs):
+        if saving[0]:
+            sizes.append(len(list(params)) if not isinstance(params, torch.nn.Parameter) else 1)
+        return real(params, *args, **kwargs)
+
+    real_save = state.save_state
+
+    def save(*args, **kwargs):
+        saving[0] = True
+        try:
+            return real_save(*args, **kwargs)
+        finally:
+            saving[0] = False
+
+    deepspeed.zero.GatheredParameters, state.save_state = spy, save
+    try:
+        train_zero3_partitioned(rank, world, overrides)
+    finally:
+        deepspeed.zero.GatheredParameters, state.save_state = real, real_save
+    return sizes
+
+
+def test_zero3_save_gathers_one_parameter_at_a_time(tiny_data, tmp_path):
+    world, extra = DEEPSPEED["zero3_dp2"]
+    sizes = run_ranks(_zero3_save_gathers, world, base(tiny_data, tmp_path / "run", *extra, "train.save_every=3"),
+                      timeout=240)
+    n_params = 20  # the tiny model's parameters, tied embedding once
+    assert sizes[0] == sizes[1] == [1] * n_params
+
+
 @pytest.mark.parametrize("layout", ["zero2_dp2", "zero3_dp2"])
 def test_deepspeed_save_and_resume(layout, tiny_data, tmp_path):
     """A ZeRO-2/3 run saved at step 3 and resumed (same layout) continues exactly like the uninterrupted run."""

@@ -37,6 +37,7 @@ class Params:
     per_block: int  # of one block
     vocab: int  # of the embedding/output (tied: once)
     output: int  # of the output layer (its gradient is the first one backward allocates)
+    largest: int = 0  # the largest parameter (this rank's shard): what a ZeRO-3 save gathers at once
 
 
 def rank_params(job: Job) -> Params:
@@ -54,7 +55,8 @@ def rank_params(job: Job) -> Params:
             decay += p.numel() if p.ndim >= 2 else 0
     per_block = sum(p.numel() for p in model.layers[0].parameters())
     vocab = sum(p.numel() for p in {id(p): p for p in (model.tok_embeddings.weight, model.output.weight)}.values())
-    return Params(total, decay, per_block, vocab, model.output.weight.numel())
+    largest = max(p.numel() for p in model.parameters())
+    return Params(total, decay, per_block, vocab, model.output.weight.numel(), largest)
 
 
 @dataclass
@@ -211,12 +213,14 @@ def _prefetched_gathers(job: Job, spans: list[Span], min_bytes: int) -> list[int
 
 def _save_phase(job: Job, st: States, n: Params) -> int:
     """A checkpoint save (bigtrain.state.save_state, every train.save_every steps and at the end):
-    between steps, inside engine.full_parameters() -- ZeRO-3 gathers every parameter at once --
-    each parameter is copied to the host (.cpu().clone(): on the CPU, a copy in the same memory)."""
+    between steps, each parameter is copied to the host (.cpu().clone(): on the CPU, a copy in
+    the same memory); ZeRO-3 gathers them one at a time (engine.each_full_parameter), so it holds
+    at most the largest one gathered beside its partitions."""
     pe = job.cfg.parallel
-    full = (2 if pe.engine == "deepspeed" and job.bf16 else 4) * n.total
+    pb = 2 if pe.engine == "deepspeed" and job.bf16 else 4
+    full = pb * n.total
     kept_between = st.grads if pe.engine == "deepspeed" or job.dp > 1 else 0  # partitions, DDP buckets
-    gathered = full - st.params if pe.engine == "deepspeed" and pe.zero_stage == 3 else 0
+    gathered = pb * n.largest if pe.engine == "deepspeed" and pe.zero_stage == 3 else 0
     return st.params + st.optimizer + st.buffers + kept_between + gathered + (full if job.device == "cpu" else 0)
 
 

@@ -202,7 +202,9 @@ class Attention(nn.Module):
         k = self.wk(x).view(b, s, -1, self.head_dim)  # (b, s, nkv, d)
         v = self.wv(x).view(b, s, -1, self.head_dim)  # (b, s, nkv, d)
         q, k = apply_rope(q, pos.rope), apply_rope(k, pos.rope)
-        out = self.core_attention(q, k, v, pos.mask)  # (b, s, nh, d)
+        # (the mask only when there is one: hooks on core attention see (q, k, v) as before)
+        masked = () if pos.mask is None else (pos.mask,)
+        out = self.core_attention(q, k, v, *masked)  # (b, s, nh, d)
         return self.wo(out.flatten(2))  # (b, s, h)
 
 

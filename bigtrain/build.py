@@ -49,6 +49,7 @@ class Components:
     recompute_spans: list[Span] | None  # what recompute.granularity=auto chose (None otherwise)
     recompute_note: str  # auto's table for the log ("" otherwise)
     resume_from: Path | None  # a full checkpoint to restore (state.restore) before training
+    async_save: bool  # train.async_save resolved (auto: see state.use_async_save)
 
 
 def build(cfg: Config) -> Components:
@@ -80,4 +81,5 @@ def build(cfg: Config) -> Components:
         train_loader = BatchLoader(TokenDataset(job.cfg.data.path, "train"), t.seq_len, t.micro_batch_size,
                                    seed=t.seed, rank=dims.dp_rank, world=dims.dp)
         val_data, val_sets = TokenDataset(job.cfg.data.path, "val"), {}
-    return Components(job, dims, device, rng, model, engine, train_loader, val_data, val_sets, spans, note, source)
+    return Components(job, dims, device, rng, model, engine, train_loader, val_data, val_sets, spans, note, source,
+                      state.use_async_save(job, model.block_runner.spans))

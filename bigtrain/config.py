@@ -285,8 +285,8 @@ class TrainConfig:
     """auto: the local GPU if there is one, else the CPU."""
     stop_check_every: int = 10
     """On SIGTERM/SIGUSR1 the ranks agree to stop at logging steps and every N steps (each check is a host sync)."""
-    async_save: bool = False
-    """Write the save_every checkpoints in a background thread while training continues (parallel.engine=ddp only)."""
+    async_save: Literal["auto", "true", "false"] = "auto"
+    """Write the save_every checkpoints in a background thread while training continues (parallel.engine=ddp only): the state is copied to host memory, which takes 12 bytes per parameter of this rank's shards. auto: on with DDP on CUDA when that copy fits in the host memory budget (recompute.host_memory_budget) beside offload's; off on the CPU, where the copy shares the training's memory and cores."""
 
     def validate(self) -> None:
         _positive(self, "steps", "micro_batch_size", "global_batch_size", "seq_len", "stop_check_every")
@@ -385,7 +385,7 @@ class Config:
         if t.global_batch_size % t.micro_batch_size:
             raise ConfigError(f"train.global_batch_size({t.global_batch_size}) is not a multiple of "
                               f"train.micro_batch_size({t.micro_batch_size})")
-        if t.async_save and self.parallel.engine == "deepspeed":
+        if t.async_save == "true" and self.parallel.engine == "deepspeed":
             raise ConfigError("train.async_save=true needs parallel.engine=ddp: DeepSpeed's own save is a "
                               "collective of the training ranks and cannot run beside training")
         if self.parallel.sequence_parallel:
@@ -486,6 +486,10 @@ def _coerce(value: Any, typ: Any, key: str, from_cli: bool) -> Any:
     origin = typing.get_origin(typ)
     if origin is Literal:
         choices = typing.get_args(typ)
+        if isinstance(value, bool) and "true" in choices:  # YAML's true/false for a true/false/auto key
+            value = "true" if value else "false"
+        elif isinstance(value, str) and "true" in choices and value.strip().lower() in _BOOLS:
+            value = "true" if _BOOLS[value.strip().lower()] else "false"
         if value not in choices:
             raise ConfigError(f"{key}={value!r} is not allowed; choose one of {', '.join(map(str, choices))}")
         return value

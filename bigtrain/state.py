@@ -108,6 +108,23 @@ def _copied(obj):
     return obj
 
 
+def use_async_save(job, spans) -> bool:
+    """train.async_save resolved: true/false as set; auto is on with DDP on CUDA when a save's
+    snapshot -- the fp32 model shards and AdamW moments of this rank's TP rank, 12 bytes per
+    parameter, copied to host memory -- fits in the host memory budget beside what the policy
+    `spans` offloads (planner.host_budget, estimate().host_total). Off on the CPU, where the
+    copy takes the training's own memory and the writer thread its cores."""
+    choice = job.cfg.train.async_save
+    if choice != "auto":
+        return choice == "true"
+    if job.device != "cuda" or job.cfg.parallel.engine != "ddp":
+        return False
+    from bigtrain.planner import estimate, host_budget, rank_params
+
+    n = rank_params(job)
+    return 12 * n.total + estimate(job, spans, n=n).host_total <= host_budget(job)
+
+
 class AsyncSaver:
     """train.async_save: one checkpoint in flight at a time, written by a background thread
     while training continues. The save's agreements run over a gloo group of their own, so they

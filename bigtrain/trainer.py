@@ -150,7 +150,7 @@ class Trainer:
         t = self.cfg.train
         can_evaluate = self._announce()
         logger = MetricsLogger(self.cfg, self.out_dir, enabled=self.is_main, start_step=self.step)
-        self.saver = state.AsyncSaver(self.cfg.parallel.timeout_s) if t.async_save else None  # collective
+        self.saver = state.AsyncSaver(self.cfg.parallel.timeout_s) if self.components.async_save else None  # collective
         window = _Window()
         records, stop = [], StopRequest(self.cfg.train.stop_check_every)
         try:
@@ -211,6 +211,10 @@ class Trainer:
         for note in (vocab_padding_note(self.job.vocab_size, self.job.tp), self.recompute_note):
             if note:
                 print(note, flush=True)
+        if cfg.train.async_save == "auto" and cfg.train.save_every:
+            how = "in the background (its host copy fits the host budget)" if self.components.async_save else \
+                "in the foreground (train.async_save=true writes them in the background)"
+            print(f"checkpoints every {cfg.train.save_every} steps are written {how}", flush=True)
         if why is not None:
             print(f"warning: no validation loss in this run: {why}", flush=True)
         skipped = [n for n in self.val_sets if n not in self._evaluable]

@@ -81,3 +81,32 @@ def test_background_failure_on_rank1_stops_every_rank(tiny_data, tmp_path, refer
 def test_async_save_needs_ddp(tiny_data, tmp_path):
     with pytest.raises(ConfigError, match="train.async_save=true needs parallel.engine=ddp"):
         load_config("configs/debug.yaml", args(tiny_data, tmp_path, ASYNC, "parallel.engine=deepspeed"))
+
+
+def test_async_save_auto_is_on_with_ddp_on_cuda_when_the_copy_fits(monkeypatch):
+    """train.async_save=auto: background saves with DDP on CUDA when the host copy of a save (12
+    bytes per parameter of this rank) fits the host budget beside offload's; never on the CPU
+    or under DeepSpeed; true/false as written (YAML booleans too)."""
+    import bigtrain.planner as planner
+    from bigtrain import state
+    from bigtrain.job import resolve
+    from bigtrain.recompute.policy import spans_of
+
+    def decide(*extra, device="cuda", budget=None):
+        cfg = load_config("configs/llama-1b.yaml", list(extra))
+        job = resolve(cfg, 8, device)
+        if budget is not None:  # (the node's RAM share otherwise)
+            monkeypatch.setattr(planner, "host_budget", lambda j: budget)
+        return state.use_async_save(job, spans_of(cfg.recompute, cfg.model.n_layers)), job
+
+    _, job = decide(budget=0)
+    need = 12 * planner.rank_params(job).total
+    assert decide(budget=need)[0] is True
+    assert decide(budget=need - 1)[0] is False
+    assert decide("parallel.engine=deepspeed", budget=10 * need)[0] is False
+    assert decide(device="cpu")[0] is False
+    assert decide("train.async_save=true", device="cpu")[0] is True
+    assert decide("train.async_save=false", budget=10 * need)[0] is False
+    assert load_config("configs/debug.yaml", ["train.async_save=on"]).train.async_save == "true"
+    with pytest.raises(ConfigError, match="train.async_save='sometimes' is not allowed; choose one of auto, true, false"):
+        load_config("configs/debug.yaml", ["train.async_save=sometimes"])

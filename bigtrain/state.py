@@ -67,13 +67,17 @@ def save_state(c, step: int, data_state: dict, saver: "AsyncSaver | None" = None
     shards and bigtrain's optimizer state once per TP rank, in the file of its data-parallel
     rank 0 (the DP replicas hold the same bytes: DDP's update is identical on each); the data
     position in the manifest; rank 0 publishes the directory. With `saver`, what is saved is
-    copied now and written in its background thread (returns at once)."""
+    copied now (HostStaging: pinned and non-blocking on CUDA) and written in its background
+    thread (returns at once)."""
     holds_shards = c.dims.dp_rank == 0
     weights_file = c.engine.module_weights_file  # DeepSpeed writes the weights itself: not twice
+    if saver is not None:
+        saver.wait()  # the previous background save still reads the staging buffers
+    staging = saver.staging if saver is not None else None
     model = {} if holds_shards and weights_file is None else None
     for name, p in c.engine.each_full_parameter():  # collective under ZeRO-3: every rank iterates
         if model is not None:
-            model[name] = p.detach().cpu().clone()
+            model[name] = staging.copy(("model", name), p) if staging is not None else p.detach().cpu().clone()
     rank_state = {
         "shards": ckpt.shard_meta(c.module),
         "rng": ckpt.rng_state(),
@@ -82,7 +86,7 @@ def save_state(c, step: int, data_state: dict, saver: "AsyncSaver | None" = None
     }
     if holds_shards:
         engine_state = c.engine.state_dict()  # the optimizer's live tensors: the next step changes them
-        rank_state.update(**(_copied(engine_state) if saver is not None else engine_state))
+        rank_state.update(**(staging.snapshot(engine_state, ("engine",)) if staging is not None else engine_state))
         if model is not None:
             rank_state["model"] = model
     cfg = c.job.cfg
@@ -90,22 +94,59 @@ def save_state(c, step: int, data_state: dict, saver: "AsyncSaver | None" = None
                 "tensor_files": ckpt.tensor_files(c.dims.tp, weights_file)}
     final = ckpt.checkpoint_root(cfg.train.out_dir) / f"step_{step:08d}"
     if saver is not None:
-        saver.submit(lambda group: ckpt.save_checkpoint(cfg.train.out_dir, step, rank_state, manifest, c.dims,
-                                                         cfg.checkpoint.keep_last, group=group))
+        ready = staging.ready()
+
+        def write(group):
+            if ready is not None:
+                ready.synchronize()  # the non-blocking device->host copies have landed
+            ckpt.save_checkpoint(cfg.train.out_dir, step, rank_state, manifest, c.dims, cfg.checkpoint.keep_last,
+                                 group=group)
+
+        saver.submit(write)
         return final
     return ckpt.save_checkpoint(cfg.train.out_dir, step, rank_state, manifest, c.dims,
                                 cfg.checkpoint.keep_last, write_extra=c.engine.save)
 
 
-def _copied(obj):
-    """A copy of nested dicts/lists whose tensors are cloned to the CPU (a snapshot)."""
-    if torch.is_tensor(obj):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: _copied(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_copied(v) for v in obj)
-    return obj
+class HostStaging:
+    """The host copy of a background save (train.async_save), taken while training waits.
+
+    On CUDA the copies go into pinned buffers kept from one save to the next (pinning is slow:
+    cudaHostAlloc stalls every stream) and are issued non-blocking on the compute stream, so the
+    loop stops only to enqueue them: the next optimizer step, later on the same stream, cannot
+    change a tensor before its copy has read it. `ready()` records the event the writer waits
+    for before reading the buffers. On the CPU: plain copies, and no event."""
+
+    def __init__(self):
+        self._pinned: dict[tuple, torch.Tensor] = {}
+
+    def copy(self, key: tuple, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach()
+        if t.device.type != "cuda":
+            return t.to("cpu", copy=True)
+        buf = self._pinned.get(key)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            buf = self._pinned[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        buf.copy_(t, non_blocking=True)
+        return buf
+
+    def snapshot(self, obj, key: tuple = ()):
+        """A copy of nested dicts/lists/tuples with every tensor copied to the host."""
+        if torch.is_tensor(obj):
+            return self.copy(key, obj)
+        if isinstance(obj, dict):
+            return {k: self.snapshot(v, (*key, k)) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(self.snapshot(v, (*key, i)) for i, v in enumerate(obj))
+        return obj
+
+    def ready(self):
+        """An event after this save's copies (None when none is pending: nothing on CUDA)."""
+        if not self._pinned or not torch.cuda.is_available():
+            return None
+        event = torch.cuda.Event()
+        event.record()
+        return event
 
 
 def use_async_save(job, spans) -> bool:
@@ -139,6 +180,7 @@ class AsyncSaver:
             self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self.staging = HostStaging()  # the host copy of each save, its buffers reused
 
     def submit(self, write) -> None:
         """Wait for the previous save, then run write(group) in the background."""

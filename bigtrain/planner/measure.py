@@ -73,6 +73,13 @@ MATRIX = {
                                             "model.max_seq_len=512 train.seq_len=512",
     "selective(pointwise), document mask": _SEL + "pointwise data.document_mask=true",
     "selective(mlp)+offload, document mask": _SEL + "mlp " + _OFF + " data.document_mask=true",
+    "none, bf16": "train.dtype=bf16",
+    "full, bf16": "recompute.granularity=full train.dtype=bf16",
+    "selective(norm,mlp_act), bf16": _SEL + "norm,mlp_act train.dtype=bf16",
+    "selective(pointwise), bf16": _SEL + "pointwise train.dtype=bf16",
+    "selective(mlp)+offload, bf16": _SEL + "mlp " + _OFF + " train.dtype=bf16",
+    "full, bf16, vocab 8192 untied": "recompute.granularity=full train.dtype=bf16 model.vocab_size=8192 "
+                                     "model.tie_embeddings=false",
     "auto (a mix)": "recompute.granularity=auto recompute.memory_budget=AUTO",
     "none, accumulation 2": "train.global_batch_size=8",
     "full, accumulation 3": "recompute.granularity=full train.global_batch_size=12",
@@ -102,6 +109,9 @@ SIMULATE_LAYOUTS = {
     "tp8 full partition, accumulation 2": ["parallel.tp=8", "recompute.granularity=full", "recompute.partition=true",
                                            "train.global_batch_size=16"],
     "tp8 sp full": ["parallel.tp=8", "parallel.sequence_parallel=true", "recompute.granularity=full"],
+    "tp2 sp bf16": ["parallel.tp=2", "parallel.sequence_parallel=true", "train.dtype=bf16"],
+    "tp4 sp bf16 selective(pointwise)": ["parallel.tp=4", "parallel.sequence_parallel=true", "train.dtype=bf16",
+                                         "recompute.granularity=selective", "recompute.modules=pointwise"],
 }
 
 

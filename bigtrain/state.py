@@ -158,12 +158,19 @@ def use_async_save(job, spans) -> bool:
     choice = job.cfg.train.async_save
     if choice != "auto":
         return choice == "true"
-    if job.device != "cuda" or job.cfg.parallel.engine != "ddp":
+    if job.device != "cuda" or job.cfg.parallel.engine != "ddp" or not job.cfg.train.save_every:
         return False
     from bigtrain.planner import estimate, host_budget, rank_params
 
     n = rank_params(job)
-    return 12 * n.total + estimate(job, spans, n=n).host_total <= host_budget(job)
+    fits = 12 * n.total + estimate(job, spans, n=n).host_total <= host_budget(job)
+    if dist.is_available() and dist.is_initialized():
+        # Every rank must agree (the saver makes a group; the two kinds of save synchronise
+        # differently), and nodes may differ in RAM or GPUs: background only if all fit.
+        flag = torch.tensor([int(fits)], device=job.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        fits = bool(flag.item())
+    return fits
 
 
 class AsyncSaver:

@@ -107,6 +107,7 @@ def test_async_save_auto_is_on_with_ddp_on_cuda_when_the_copy_fits(monkeypatch):
     assert decide(device="cpu")[0] is False
     assert decide("train.async_save=true", device="cpu")[0] is True
     assert decide("train.async_save=false", budget=10 * need)[0] is False
+    assert decide("train.save_every=0", budget=10 * need)[0] is False  # nothing to write in the background
     assert load_config("configs/debug.yaml", ["train.async_save=on"]).train.async_save == "true"
     with pytest.raises(ConfigError, match="train.async_save='sometimes' is not allowed; choose one of auto, true, false"):
         load_config("configs/debug.yaml", ["train.async_save=sometimes"])

@@ -110,6 +110,7 @@ SIMULATE_LAYOUTS = {
                                            "train.global_batch_size=16"],
     "tp8 sp full": ["parallel.tp=8", "parallel.sequence_parallel=true", "recompute.granularity=full"],
     "tp2 sp bf16": ["parallel.tp=2", "parallel.sequence_parallel=true", "train.dtype=bf16"],
+    "tp2 full, document mask": ["parallel.tp=2", "recompute.granularity=full", "data.document_mask=true"],
     "tp4 sp bf16 selective(pointwise)": ["parallel.tp=4", "parallel.sequence_parallel=true", "train.dtype=bf16",
                                          "recompute.granularity=selective", "recompute.modules=pointwise"],
 }

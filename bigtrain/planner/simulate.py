@@ -51,12 +51,13 @@ def fake_peak(job: Job, spans: list[Span] | None = None, steps: int = 1) -> dict
         apply_recompute(model, ParallelDims.single(), cfg.recompute, spans=spans)
         optimizer = build_optimizer(model, cfg.optim)
         tokens = torch.randint(0, cfg.model.vocab_size, (t.micro_batch_size, t.seq_len + 1))
+        documents = _documents(job, tokens[:, :-1])
         tracker = peak_tracker()
         tracker.track_external(model, optimizer)
         with tracker:
             for _ in range(steps):
                 with job.autocast():
-                    logits = model(tokens[:, :-1])
+                    logits = model(tokens[:, :-1], documents)
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
                 del logits
                 loss.backward()
@@ -134,6 +135,7 @@ def _fake_steps(job: Job, model, engine, dims: ParallelDims, steps: int, tracker
 
     cfg, t = job.cfg, job.cfg.train
     tokens = torch.randint(0, cfg.model.vocab_size, (t.micro_batch_size, t.seq_len + 1))
+    documents = _documents(job, tokens[:, :-1])
     for _ in range(steps):
         # Two micro-batches stand for all of them: from the second on, every one meets the same
         # memory (gradients exist); 1024 would take 512 times longer.
@@ -142,7 +144,7 @@ def _fake_steps(job: Job, model, engine, dims: ParallelDims, steps: int, tracker
             tracker.reset_mod_stats()
             with engine.accumulate(last=i == micro - 1):
                 with job.autocast():
-                    logits = engine.model(tokens[:, :-1])
+                    logits = engine.model(tokens[:, :-1], documents)
                 loss = cross_entropy(logits, tokens[:, 1:], group=dims.tp_group, vocab_size=cfg.model.vocab_size)
                 del logits
                 engine.backward(loss)
@@ -155,6 +157,16 @@ def _fake_steps(job: Job, model, engine, dims: ParallelDims, steps: int, tracker
             grad_norm(model, dims)
         engine.optimizer.step()
         engine.optimizer.zero_grad(set_to_none=True)
+
+
+def _documents(job: Job, x: torch.Tensor) -> torch.Tensor | None:
+    """With data.document_mask, the document ids of the fake batch x (b, s), as the trainer's
+    (the mask's bytes do not depend on where the documents end)."""
+    if not job.cfg.data.document_mask:
+        return None
+    from bigtrain.model import document_ids
+
+    return document_ids(x, 0)
 
 
 def simulate_configured(job: Job) -> dict:

@@ -42,6 +42,7 @@ class Shape:
     math_attention: bool = False  # attention dropout on the CPU: SDPA's math kernel
     documents: bool = False  # data.document_mask: per-token rotary angles and a block-causal mask
     flex: bool = False  # ... held as a flex BlockMask (CUDA, no dropout), else as a dense (b, 1, s, s) mask
+    expand_kv: bool = False  # dense mask on CUDA with GQA: attention repeats the kv heads (model.CoreAttention)
     # Exact (tests/test_recompute.py) in fp32, and under bf16 autocast without dropout on the
     # CPU; CPU dropout under autocast keeps masks in mixed dtypes the formula does not follow.
 
@@ -108,6 +109,8 @@ def resolve(cfg: Config, world: int, device: str, meta: dict | None = None) -> J
     shape = Shape(cfg.model, t.micro_batch_size, t.seq_len, tp, sp, elem,
                   mask_bytes=elem if on_cpu else 1, math_attention=on_cpu and cfg.model.dropout > 0,
                   documents=documents, flex=documents and not on_cpu and flex_available() and cfg.model.dropout == 0)
+    if documents and not on_cpu and not shape.flex and cfg.model.kv_heads < cfg.model.n_heads:
+        shape = dataclasses.replace(shape, expand_kv=True)
     return Job(cfg, world, device, tp, dp, sp, t.global_batch_size // per_step, bf16,
                padded_vocab(cfg.model.vocab_size, tp), shape, meta["eos_id"] if meta is not None else None)
 

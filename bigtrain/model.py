@@ -125,12 +125,13 @@ class DocumentMask:
         self.dense = None if flex else self.dense_mask(dtype)
 
     def dense_mask(self, dtype: torch.dtype) -> torch.Tensor:
-        """(b, 1, s, s) additive mask in `dtype`."""
+        """(b, 1, s, s) additive mask in `dtype`: a view whose rows are padded to a multiple of
+        16 elements, the alignment CUDA's fused kernels want (else SDPA pads a copy per call)."""
         d = self.documents
-        s = d.shape[1]
+        b, s = d.shape
         causal = torch.ones(s, s, dtype=torch.bool, device=d.device).tril()  # (s, s)
         allowed = (d[:, None, :, None] == d[:, None, None, :]) & causal  # (b, 1, s, s)
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=d.device)
+        mask = torch.zeros(b, 1, s, -(-s // 16) * 16, dtype=dtype, device=d.device)[..., :s]
         return mask.masked_fill_(~allowed, float("-inf"))
 
     def tensors(self) -> list[torch.Tensor]:
@@ -141,14 +142,46 @@ class DocumentMask:
         return out
 
 
+FLEX_BLOCK = 128  # flex attention's tile: the BlockMask says, per (query tile, key tile), none/partial/full
+
+
 def _block_mask(documents: torch.Tensor):
-    from torch.nn.attention.flex_attention import create_block_mask
+    """The flex BlockMask of the block-causal mask, made from each tile's first and last document
+    id (ids never decrease along a row) in O(b (s/128)^2): create_block_mask would build the
+    whole (b, s, s) mask and its temporaries first, ~11 bytes per element, every micro-batch.
+
+    Query tile i and key tile j < i share a document iff the last id of j is the first of i; the
+    tile is full when all of both tiles is that one document; the diagonal tile is partial
+    (causal). A ragged last tile is never full (flex masks its tail itself)."""
+    from torch.nn.attention.flex_attention import BlockMask
 
     def same_document_causal(b, h, q, k):
         return (k <= q) & (documents[b, q] == documents[b, k])
 
     b, s = documents.shape
-    return create_block_mask(same_document_causal, b, None, s, s, device=documents.device)
+    n = -(-s // FLEX_BLOCK)
+    padded = torch.cat([documents, documents[:, -1:].expand(b, n * FLEX_BLOCK - s)], dim=1)
+    tiles = padded.view(b, n, FLEX_BLOCK)
+    first, last = tiles[..., 0], tiles[..., -1]  # (b, n)
+    i = torch.arange(n, device=documents.device)
+    below = i[None, :] < i[:, None]  # (n, n): key tile j before query tile i
+    q_first, q_last = first[:, :, None], last[:, :, None]  # (b, n, 1)
+    k_first, k_last = first[:, None, :], last[:, None, :]  # (b, 1, n)
+    touch = (below & (k_last == q_first)) | torch.eye(n, dtype=torch.bool, device=documents.device)
+    full = below & (k_first == k_last) & (k_last == q_first) & (q_first == q_last)  # (b, n, n)
+    if n * FLEX_BLOCK != s:
+        full[:, -1, :] = False
+    partial = touch & ~full
+
+    def listed(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # (b, 1, n) counts and (b, 1, n, n) indices, the listed tiles first, in order
+        order = torch.argsort((~m).to(torch.int8), dim=-1, stable=True)
+        return m.sum(-1, dtype=torch.int32)[:, None], order.to(torch.int32)[:, None]
+
+    kv_num, kv_idx = listed(partial)
+    full_num, full_idx = listed(full)
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=FLEX_BLOCK,
+                                    mask_mod=same_document_causal, seq_lengths=(s, s))
 
 
 def flex_available() -> bool:
@@ -230,6 +263,12 @@ class CoreAttention(nn.Module):
             # The shared dense mask; one made here (a transient) where a dispatch mode is on
             # (pointwise recompute, the planner's fake tensors), which compiled flex cannot run under.
             dense = mask.dense if mask.dense is not None and mask.dense.dtype == q.dtype else mask.dense_mask(q.dtype)
+            if gqa and q.is_cuda:
+                # CUDA's fused kernels that take a mask do not broadcast kv heads (flash takes no
+                # mask): without the repeat SDPA would run its math kernel, which keeps the
+                # (b, h, s, s) probabilities. The same repeat enable_gqa stands for.
+                rep = q.shape[1] // k.shape[1]
+                k, v, gqa = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), False
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=dense, dropout_p=p, enable_gqa=gqa)
         return out.transpose(1, 2)  # (b, s, nh, d)
 
@@ -316,7 +355,11 @@ class Transformer(nn.Module):
         if documents is None:
             return Positions(self.rope[:s])
         rope = self.rope[positions_in_documents(documents)]  # (b, s, d/2, 2)
-        flex = documents.is_cuda and flex_available() and not (self.training and self.cfg.dropout > 0)
+        # Op-level recompute runs its blocks under a dispatch mode, which compiled flex cannot
+        # run under: one shared dense mask then, so that every block runs the same kernel.
+        pointwise = self.block_runner is not None and any(span.pointwise for span in self.block_runner.spans)
+        flex = documents.is_cuda and flex_available() and not (self.training and self.cfg.dropout > 0) \
+            and not pointwise
         return Positions(rope, DocumentMask(documents, dtype, flex=flex))
 
     def reset_rope(self, device=None) -> None:

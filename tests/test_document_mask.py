@@ -102,14 +102,15 @@ def test_tp2_packed_logits_equal_alone(sp):
         assert unmasked > 100 * LOGIT_ATOL
 
 
-def test_flex_block_mask_matches_the_dense_mask():
+@pytest.mark.parametrize("s", [256, 300])
+def test_flex_block_mask_matches_the_dense_mask(s):
     """The CUDA path (flex attention with a BlockMask) computes what the dense SDPA mask does;
     checked here with flex's CPU reference (forward only: flex has no CPU backward)."""
     pytest.importorskip("torch.nn.attention.flex_attention")
     cfg = model_cfg()
     core = build_model(cfg).layers[0].attention.core_attention
     g = torch.Generator().manual_seed(0)
-    b, s = 2, 256  # two 128-blocks per side: whole masked blocks are skipped, partial ones masked
+    b = 2  # two or three 128-tiles per side (300: a ragged last one): whole masked tiles are skipped
     q = torch.randn(b, s, cfg.n_heads, cfg.head_dim, generator=g)
     k, v = (torch.randn(b, s, cfg.kv_heads, cfg.head_dim, generator=g) for _ in range(2))
     tokens = torch.randint(2, 60, (b, s), generator=g)
@@ -264,3 +265,36 @@ def test_document_mask_needs_an_eos_id(tiny_data, tmp_path):
 def test_document_mask_is_a_boolean_key(tiny_data, tmp_path):
     with pytest.raises(ConfigError, match="document_mask"):
         _trainer_cfg(tiny_data, tmp_path / "run", "data.document_mask=maybe")
+
+
+@pytest.mark.parametrize("s", [128, 256, 300, 517])
+def test_block_mask_from_tiles_is_the_block_causal_mask(s):
+    """The BlockMask made from each tile's first and last document equals, tile for tile, the
+    one torch's create_block_mask derives from the full mask (which it builds: b x s x s), and
+    says "full" only where every entry is allowed; ragged lengths included."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from bigtrain.model import _block_mask
+
+    g = torch.Generator().manual_seed(s)
+    tokens = torch.randint(2, 60, (3, s), generator=g)
+    tokens[0, torch.randint(0, s, (6,), generator=g)] = EOS  # several documents
+    tokens[1, 0] = EOS  # row 2: one document; row 1: an EOS first
+    docs = document_ids(tokens, EOS)
+    ours = _block_mask(docs)
+
+    def same_document_causal(b, h, q, k):
+        return (k <= q) & (docs[b, q] == docs[b, k])
+
+    ref = create_block_mask(same_document_causal, 3, None, s, s, device="cpu")
+    assert torch.equal(ours.to_dense(), ref.to_dense())  # which tiles are computed at all
+    dense = (docs[:, :, None] == docs[:, None, :]) & torch.ones(s, s, dtype=torch.bool).tril()  # (b, s, s)
+    n = -(-s // 128)
+    for b in range(3):
+        full = torch.zeros(n, n, dtype=torch.bool)
+        for q in range(n):
+            for i in range(int(ours.full_kv_num_blocks[b, 0, q])):
+                full[q, ours.full_kv_indices[b, 0, q, i]] = True
+        for q, k in full.nonzero().tolist():
+            assert dense[b, q * 128:(q + 1) * 128, k * 128:(k + 1) * 128].all(), (b, q, k)

@@ -84,9 +84,10 @@ def saved_tensors(sh: Shape) -> dict[str, int]:
         for name in ("probs", "mask", "dropped"):
             out[f"attention.core.{name}"] = e * S * a * sh.s // t
     else:
+        kv_kept = h if sh.expand_kv else kv  # a dense document mask on CUDA: the kv heads repeated
         out["attention.core.q"] = e * S * h // t
-        out["attention.core.k"] = e * S * kv // t
-        out["attention.core.v"] = e * S * kv // t
+        out["attention.core.k"] = e * S * kv_kept // t
+        out["attention.core.v"] = e * S * kv_kept // t
         out["attention.core.output"] = e * S * h // t
         out["attention.core.lse"] = 4 * S * a // t
     out["feed_forward.input"] = proj_in
@@ -133,7 +134,8 @@ def document_tensors(sh: Shape) -> dict[str, int]:
     """What data.document_mask holds for the whole step (model.Positions, shared by all blocks):
     each token's document id (int64), its rotary angles (fp32 (b, s, d/2, 2)) and the mask --
     dense (b, 1, s, s) in the attention dtype, or a flex BlockMask of 128 x 128 blocks (four
-    int32 index tensors of (b, 1, n, n) and four counts of (b, 1, n), n = ceil(s / 128))."""
+    int32 index tensors of (b, 1, n, n) and four counts of (b, 1, n), n = ceil(s / 128)). (A
+    model with a pointwise span holds a dense one: planner.memory.estimate clears sh.flex.)"""
     if not sh.documents:
         return {}
     b, s = sh.b, sh.s
@@ -142,7 +144,7 @@ def document_tensors(sh: Shape) -> dict[str, int]:
         n = -(-s // 128)
         out["documents.block_mask"] = 4 * 4 * b * n * n + 4 * 4 * b * n
     else:
-        out["documents.mask"] = sh.elem * b * s * s
+        out["documents.mask"] = sh.elem * b * s * (-(-s // 16) * 16)  # rows padded to 16 elements
     return out
 
 

@@ -128,6 +128,9 @@ def estimate(job: Job, spans: list[Span], policy: str = "", n: Params | None = N
     n = n or rank_params(job)
     st = model_states(job, n)
     sh = job.shape
+    pointwise = any(s.pointwise for s in spans)
+    if pointwise and sh.flex:  # the forward then holds a dense mask (model.Transformer.positions)
+        sh = replace(sh, flex=False, expand_kv=job.cfg.model.kv_heads < job.cfg.model.n_heads)
     on_cpu = job.device == "cpu"
     min_bytes = parse_bytes(job.cfg.recompute.offload_min_size)
     kept = [span_bytes(sh, s, min_bytes) for s in spans]

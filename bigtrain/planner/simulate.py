@@ -90,9 +90,9 @@ def simulated_peak(job: Job, spans: list[Span] | None = None, steps: int = 2) ->
 
     cfg, t = job.cfg, job.cfg.train
     if job.cfg.parallel.engine != "ddp":
-        raise UserError("bigtrain plan --simulate runs parallel.engine=ddp only: DeepSpeed's engine under fake "
-                        "tensors and the fake process group is not supported yet (its ZeRO figures stay the "
-                        "analytical ones)")
+        raise UserError("bigtrain plan --simulate runs parallel.engine=ddp only: DeepSpeed cannot run on fake "
+                        "tensors (its engine moves the module with .to() and its step reads the gradient norm's "
+                        "value); its ZeRO figures stay the analytical ones")
     if dist.is_initialized():
         raise RuntimeError("simulated_peak needs to own the (fake) default process group")
     import unittest.mock

@@ -285,12 +285,14 @@ class TrainConfig:
     """auto: the local GPU if there is one, else the CPU."""
     stop_check_every: int = 10
     """On SIGTERM/SIGUSR1 the ranks agree to stop at logging steps and every N steps (each check is a host sync)."""
+    loss_chunk: int = 0
+    """Compute the output layer and the loss this many positions at a time, each chunk's logits recomputed in backward: the (b, seq_len, vocab) logits and their fp32 softmax never exist whole, one chunk's do, at one more output-layer forward per step. 0: the whole micro-batch at once. Under sequence parallelism a multiple of parallel.tp."""
     async_save: Literal["auto", "true", "false"] = "auto"
     """Write the save_every checkpoints in a background thread while training continues (parallel.engine=ddp only): the state is copied to host memory, which takes 12 bytes per parameter of this rank's shards. auto: on with DDP on CUDA when that copy fits in the host memory budget (recompute.host_memory_budget) beside offload's; off on the CPU, where the copy shares the training's memory and cores."""
 
     def validate(self) -> None:
         _positive(self, "steps", "micro_batch_size", "global_batch_size", "seq_len", "stop_check_every")
-        _nonnegative(self, "save_every", "eval_every")
+        _nonnegative(self, "save_every", "eval_every", "loss_chunk")
         if not 0 <= self.seed < SEED_LIMIT:  # torch.manual_seed takes < 2**64, and the "tp" stream adds an offset
             raise ConfigError(f"train.seed={self.seed} must be in [0, 2**63)")
 
@@ -390,6 +392,9 @@ class Config:
                               "collective of the training ranks and cannot run beside training")
         if self.parallel.sequence_parallel:
             check_sequence(t.seq_len, self.parallel.tp, names=("train.seq_len", "parallel.tp"))
+            if t.loss_chunk % self.parallel.tp:
+                raise ConfigError(f"train.loss_chunk({t.loss_chunk}) must be a multiple of parallel.tp({self.parallel.tp}) "
+                                  f"under sequence parallelism (each rank takes loss_chunk / tp positions of a chunk)")
         r = self.recompute
         if r.granularity == "full" and r.num_layers > m.n_layers:
             raise ConfigError(f"recompute.num_layers({r.num_layers}) exceeds model.n_layers({m.n_layers})")

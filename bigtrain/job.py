@@ -43,6 +43,7 @@ class Shape:
     documents: bool = False  # data.document_mask: per-token rotary angles and a block-causal mask
     flex: bool = False  # ... held as a flex BlockMask (CUDA, no dropout), else as a dense (b, 1, s, s) mask
     expand_kv: bool = False  # dense mask on CUDA with GQA: attention repeats the kv heads (model.CoreAttention)
+    loss_chunk: int = 0  # train.loss_chunk when it splits the sequence (0: the output layer and loss at once)
     # Exact (tests/test_recompute.py) in fp32, and under bf16 autocast without dropout on the
     # CPU; CPU dropout under autocast keeps masks in mixed dtypes the formula does not follow.
 
@@ -111,6 +112,8 @@ def resolve(cfg: Config, world: int, device: str, meta: dict | None = None) -> J
                   documents=documents, flex=documents and not on_cpu and flex_available() and cfg.model.dropout == 0)
     if documents and not on_cpu and not shape.flex and cfg.model.kv_heads < cfg.model.n_heads:
         shape = dataclasses.replace(shape, expand_kv=True)
+    if 0 < t.loss_chunk < t.seq_len:
+        shape = dataclasses.replace(shape, loss_chunk=t.loss_chunk)
     return Job(cfg, world, device, tp, dp, sp, t.global_batch_size // per_step, bf16,
                padded_vocab(cfg.model.vocab_size, tp), shape, meta["eos_id"] if meta is not None else None)
 

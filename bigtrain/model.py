@@ -332,10 +332,14 @@ class Transformer(nn.Module):
         # Not a parameter and not saved: recomputed by init_weights / reset_rope.
         self.register_buffer("rope", rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta), persistent=False)
 
-    def forward(self, tokens: torch.Tensor, documents: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, documents: torch.Tensor | None = None, head=None) -> torch.Tensor:
         """tokens (b, s) -> logits (b, s, v). documents (b, s): each token's document
-        (document_ids), for attention and positions that stop at document boundaries."""
-        return self.output(self.hidden_states(tokens, documents))
+        (document_ids), for attention and positions that stop at document boundaries. head: a
+        function of (final hidden states, output layer) that returns what forward returns
+        instead of the logits (the trainer's chunked loss, train.loss_chunk): it runs inside
+        forward, so that data-parallel wrappers see the whole step."""
+        hidden = self.hidden_states(tokens, documents)
+        return self.output(hidden) if head is None else head(hidden, self.output)
 
     def hidden_states(self, tokens: torch.Tensor, documents: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (b, s) -> final normalised hidden states (b, s, h)."""

@@ -9,6 +9,7 @@ validation loss, `train()` the whole run with logging, evaluation, checkpoints a
 
 from __future__ import annotations
 
+
 import signal
 import threading
 import time
@@ -23,10 +24,10 @@ from bigtrain.config import Config, dump_yaml
 from bigtrain.data.dataset import BatchLoader, TokenDataset
 from bigtrain.errors import UserError
 from bigtrain.metrics import MetricsLogger, memory_stats, peak_flops
-from bigtrain.model import count_params, document_ids, flops_per_token
+from bigtrain.model import count_params, flops_per_token
 from bigtrain.optim import lr_at
 from bigtrain.parallel.dims import vocab_padding_note
-from bigtrain.parallel.loss import cross_entropy
+from bigtrain.parallel.loss import step_loss
 from bigtrain.recompute import ActivationAccountant
 from bigtrain.planner.formula import block_formula
 from bigtrain.recompute.accounting import format_report
@@ -53,11 +54,7 @@ class Trainer:
     # ---------------------------------------------------------------------------------------
     def loss_on(self, batch: torch.Tensor) -> torch.Tensor:
         """Mean next-token loss of a (b, s+1) batch of token ids."""
-        x, y = batch[:, :-1], batch[:, 1:]  # (b, s), (b, s)
-        documents = document_ids(x, self.job.eos_id) if self.cfg.data.document_mask else None
-        with self.job.autocast():
-            logits = self.model(x, documents)  # (b, s, v/tp)
-        return cross_entropy(logits, y, group=self.dims.tp_group, vocab_size=self.cfg.model.vocab_size)
+        return step_loss(self.model, batch, self.job, self.dims)
 
     def train_step(self) -> dict:
         """One optimizer step over global_batch_size sequences; returns this step's metrics.

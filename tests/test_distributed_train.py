@@ -66,6 +66,10 @@ LAYOUTS = {
     "tp2_sp": (2, ["parallel.tp=2", "parallel.sequence_parallel=true"]),
     "tp2_dp2": (4, ["parallel.tp=2", "parallel.dp=2"]),
     "tp2_dp2_sp": (4, ["parallel.tp=2", "parallel.dp=2", "parallel.sequence_parallel=true"]),
+    # the output layer and loss 12 positions at a time (of seq 32: a ragged last chunk)
+    "single_loss_chunks": (1, ["train.loss_chunk=12"]),
+    "dp2_loss_chunks": (2, ["parallel.dp=2", "train.loss_chunk=12"]),
+    "tp2_sp_loss_chunks": (2, ["parallel.tp=2", "parallel.sequence_parallel=true", "train.loss_chunk=12"]),
 }
 
 

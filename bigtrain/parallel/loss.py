@@ -5,10 +5,14 @@ all-reduced: the max, the sum of exponentials and the target logit.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import torch.utils.checkpoint as torch_checkpoint
 
+from bigtrain.model import document_ids
 from bigtrain.parallel.mappings import group_rank, group_size
 
 
@@ -66,3 +70,51 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         grad.scatter_add_(-1, local_t.unsqueeze(-1), (elsewhere.to(grad.dtype) - 1.0).unsqueeze(-1))
         grad.mul_(grad_loss.unsqueeze(-1))
         return grad.to(ctx.logits_dtype), None, None, None
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, output, targets: torch.Tensor, chunk: int, group=None,
+                          vocab_size: int | None = None, sequence_parallel: bool = False) -> torch.Tensor:
+    """cross_entropy(output(hidden), targets), `chunk` positions at a time (train.loss_chunk):
+    each chunk's logits and softmax exist only while that chunk runs, in forward and again in
+    backward (torch's checkpoint recomputes the chunk: one more output-layer forward per step).
+
+    hidden: (b, s, h) final hidden states, or this rank's (b, s/tp, h) under sequence
+    parallelism, where the output layer all-gathers each chunk: rank r's positions [r s/tp + k c/tp,
+    ... + c/tp) for chunk k, whose targets are cut the same way. targets: (b, s) token ids."""
+    b, s = targets.shape
+    n = group_size(group) if sequence_parallel else 1
+    local = hidden.shape[1]  # s / n
+    step = max(1, chunk // n)
+    per_rank = targets.view(b, n, local)  # (b, n, s/n): rank r's positions in row r
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, local, step):
+        part = per_rank[:, :, start:start + step].reshape(b, -1)  # (b, n * c/n), in gather order
+        total = total + torch_checkpoint.checkpoint(_chunk_loss_sum, hidden[:, start:start + step], output, part,
+                                                    group, vocab_size, use_reentrant=False)
+    return total / (b * s)
+
+
+def _chunk_loss_sum(hidden, output, targets, group, vocab_size):
+    logits = output(hidden)  # (b, c, v/tp)
+    return cross_entropy(logits, targets, group, vocab_size) * targets.numel()
+
+
+def step_loss(model, batch: torch.Tensor, job, dims) -> torch.Tensor:
+    """Mean next-token loss of a (b, s+1) batch of token ids through `model` (the engine's: a
+    data-parallel wrapper or the module itself), as every training step computes it -- the
+    trainer's and the planner's dry run alike: the document ids (data.document_mask), the
+    compute dtype, the loss whole or in chunks (train.loss_chunk), vocab-parallel over dims' TP group."""
+    x, y = batch[:, :-1], batch[:, 1:]  # (b, s), (b, s)
+    cfg = job.cfg
+    # (a dry run without data has no EOS id; where documents end does not change the bytes)
+    documents = document_ids(x, job.eos_id if job.eos_id is not None else 0) if cfg.data.document_mask else None
+    vocab, chunk = cfg.model.vocab_size, job.shape.loss_chunk
+    if chunk:
+        # the output layer and the loss chunk by chunk, inside forward (so wrappers see one step)
+        head = functools.partial(chunked_cross_entropy, targets=y, chunk=chunk, group=dims.tp_group,
+                                 vocab_size=vocab, sequence_parallel=dims.sequence_parallel)
+        with job.autocast():
+            return model(x, documents, head)
+    with job.autocast():
+        logits = model(x, documents)  # (b, s, v/tp)
+    return cross_entropy(logits, y, group=dims.tp_group, vocab_size=vocab)

@@ -118,7 +118,15 @@ def outside_tensors(sh: Shape, vocab: int) -> dict[str, int]:
         out["embedding.dropout_mask"] = (1 if sh.mask_bytes == 1 else 4) * Sr * m.dim
     if sh.autocast:
         out["output.weight_bf16"] = 2 * vocab * m.dim // t
-    if t == 1:
+    if sh.loss_chunk:
+        # train.loss_chunk: the chunks' checkpoints keep only their inputs -- views of the final
+        # norm's fp32 output, and under SP each chunk's targets cut in gather order (a copy)
+        for key in ("output.input", "output.weight_bf16"):
+            out.pop(key, None)
+        out["loss_chunks.hidden"] = 4 * Sr * m.dim
+        if sh.sp and t > 1:
+            out["loss_chunks.targets"] = 8 * S
+    elif t == 1:
         out["loss.log_softmax"] = 4 * S * vocab
         out["loss.targets"] = 8 * S
         out["loss.total_weight"] = 4

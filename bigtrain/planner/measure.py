@@ -80,6 +80,11 @@ MATRIX = {
     "selective(mlp)+offload, bf16": _SEL + "mlp " + _OFF + " train.dtype=bf16",
     "full, bf16, vocab 8192 untied": "recompute.granularity=full train.dtype=bf16 model.vocab_size=8192 "
                                      "model.tie_embeddings=false",
+    "none, loss in chunks of 16": "train.loss_chunk=16",
+    "full, loss in chunks of 8, vocab 8192": "recompute.granularity=full train.loss_chunk=8 model.vocab_size=8192",
+    "selective(pointwise), loss chunks, bf16, untied": _SEL + "pointwise train.loss_chunk=16 train.dtype=bf16 "
+                                                       "model.tie_embeddings=false",
+    "none, loss chunks, accumulation 2": "train.loss_chunk=32 train.global_batch_size=8",
     "auto (a mix)": "recompute.granularity=auto recompute.memory_budget=AUTO",
     "none, accumulation 2": "train.global_batch_size=8",
     "full, accumulation 3": "recompute.granularity=full train.global_batch_size=12",
@@ -111,6 +116,8 @@ SIMULATE_LAYOUTS = {
     "tp8 sp full": ["parallel.tp=8", "parallel.sequence_parallel=true", "recompute.granularity=full"],
     "tp2 sp bf16": ["parallel.tp=2", "parallel.sequence_parallel=true", "train.dtype=bf16"],
     "tp2 full, document mask": ["parallel.tp=2", "recompute.granularity=full", "data.document_mask=true"],
+    "tp2 loss chunks": ["parallel.tp=2", "train.loss_chunk=64"],
+    "tp4 sp loss chunks": ["parallel.tp=4", "parallel.sequence_parallel=true", "train.loss_chunk=64"],
     "tp4 sp bf16 selective(pointwise)": ["parallel.tp=4", "parallel.sequence_parallel=true", "train.dtype=bf16",
                                          "recompute.granularity=selective", "recompute.modules=pointwise"],
 }

@@ -180,9 +180,12 @@ def estimate(job: Job, spans: list[Span], policy: str = "", n: Params | None = N
         peak_bwd = max(peak_bwd, cur + grads + prof[i].bwd_peak + back + ahead[i])
         cur -= kept_dev[i]
         grads += prof[i].grads if not persistent else 0
-    # The embedding's backward makes a dense (v, h) gradient; tied or accumulated, it is added
-    # into the existing one (a temporary of the same size).
-    emb = 4 * v_local * job.cfg.model.dim if job.cfg.model.tie_embeddings or persistent else 0
+    # The embedding's backward makes a dense (v, h) gradient; accumulated, it is added into the
+    # existing .grad in place; tied (and not accumulated), autograd's input buffer sums it with
+    # the output layer's, still pending, out of place: a second temporary of the same size.
+    one = 4 * v_local * job.cfg.model.dim
+    tied = job.cfg.model.tie_embeddings
+    emb = one * (2 if tied and not persistent else 1) if tied or persistent else 0
     peak_bwd = max(peak_bwd, cur + D + grads + emb)
     phases["backward"] = peak_bwd
     phases["optimizer step"] = st.params + st.grads + st.optimizer + st.buffers + st.step_temp + pool

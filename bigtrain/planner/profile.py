@@ -236,16 +236,17 @@ def head_profile(shape, persistent: bool) -> Profile:
     import dataclasses
 
     m = tuple(sorted(dataclasses.asdict(shape.model).items()))
-    return _head(m, shape.b, shape.s, shape.tp, shape.sp, shape.autocast, persistent)
+    return _head(m, shape.b, shape.s, shape.tp, shape.sp, shape.autocast, persistent, shape.loss_chunk)
 
 
 @functools.lru_cache(maxsize=64)
-def _head(model_items: tuple, b: int, s: int, t: int, sp: bool, bf16: bool, persistent: bool) -> Profile:
+def _head(model_items: tuple, b: int, s: int, t: int, sp: bool, bf16: bool, persistent: bool,
+          chunk: int = 0) -> Profile:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from bigtrain.config import ModelConfig
     from bigtrain.model import build_model
-    from bigtrain.parallel.loss import cross_entropy
+    from bigtrain.parallel.loss import chunked_cross_entropy, cross_entropy
 
     cfg = replace(ModelConfig(**dict(model_items)), n_layers=0)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False) if bf16 else _null()
@@ -263,10 +264,15 @@ def _head(model_items: tuple, b: int, s: int, t: int, sp: bool, bf16: bool, pers
         live = LiveBytes()
         with live:
             start = live.restart_peak()
-            with autocast:
-                logits = model.output(model.norm(x))
-            loss = cross_entropy(logits, targets, group=dims.tp_group, vocab_size=cfg.vocab_size)
-            del logits
+            if chunk:  # train.loss_chunk: as the trainer runs it, inside autocast
+                with autocast:
+                    loss = chunked_cross_entropy(model.norm(x), model.output, targets, chunk, dims.tp_group,
+                                                 cfg.vocab_size, dims.sequence_parallel)
+            else:
+                with autocast:
+                    logits = model.output(model.norm(x))
+                loss = cross_entropy(logits, targets, group=dims.tp_group, vocab_size=cfg.vocab_size)
+                del logits
             fwd_peak = live.peak - start
             start = live.restart_peak()
             loss.backward()

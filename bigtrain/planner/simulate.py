@@ -130,12 +130,11 @@ def simulated_peak(job: Job, spans: list[Span] | None = None, steps: int = 2) ->
 
 def _fake_steps(job: Job, model, engine, dims: ParallelDims, steps: int, tracker) -> None:
     """`steps` training steps of rank 0 as the trainer runs them, on fake tensors."""
-    from bigtrain.parallel.loss import cross_entropy
+    from bigtrain.parallel.loss import step_loss
     from bigtrain.parallel.parallelize import clip_grad_norm, grad_norm, sync_sequence_parallel_grads
 
     cfg, t = job.cfg, job.cfg.train
     tokens = torch.randint(0, cfg.model.vocab_size, (t.micro_batch_size, t.seq_len + 1))
-    documents = _documents(job, tokens[:, :-1])
     for _ in range(steps):
         # Two micro-batches stand for all of them: from the second on, every one meets the same
         # memory (gradients exist); 1024 would take 512 times longer.
@@ -143,10 +142,7 @@ def _fake_steps(job: Job, model, engine, dims: ParallelDims, steps: int, tracker
         for i in range(micro):
             tracker.reset_mod_stats()
             with engine.accumulate(last=i == micro - 1):
-                with job.autocast():
-                    logits = engine.model(tokens[:, :-1], documents)
-                loss = cross_entropy(logits, tokens[:, 1:], group=dims.tp_group, vocab_size=cfg.model.vocab_size)
-                del logits
+                loss = step_loss(engine.model, tokens, job, dims)  # the trainer's (Trainer.loss_on)
                 engine.backward(loss)
                 del loss
         # TorchEngine.step, less reading the norm back (a fake tensor has no value)

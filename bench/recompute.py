@@ -71,7 +71,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from bigtrain.config import ModelConfig, RecomputeConfig, load_config  # noqa: E402
 from bigtrain.model import build_model, init_weights  # noqa: E402
 from bigtrain.parallel.dims import ParallelDims  # noqa: E402
-from bigtrain.parallel.loss import cross_entropy  # noqa: E402
+from bigtrain.parallel.loss import chunked_cross_entropy, cross_entropy  # noqa: E402
 from bigtrain.parallel.parallelize import parallelize  # noqa: E402
 from bigtrain.parallel.random import seed_rng  # noqa: E402
 from bigtrain.planner.formula import Shape, block_formula  # noqa: E402
@@ -391,9 +391,11 @@ def _snap_by_name(snap: dict, device: torch.device) -> dict[str, int]:
 class Bench:
     """Tokens, step functions and measurements of one section (one process or one rank)."""
 
-    def __init__(self, cfg: ModelConfig, dims: ParallelDims, device, b: int, s: int, autocast: bool):
+    def __init__(self, cfg: ModelConfig, dims: ParallelDims, device, b: int, s: int, autocast: bool,
+                 loss_chunk: int = 0):
         self.cfg, self.dims, self.device, self.b, self.s = cfg, dims, device, b, s
         self.autocast = autocast
+        self.loss_chunk = loss_chunk  # train.loss_chunk's head: forward returns the loss itself
         g = torch.Generator().manual_seed(3)
         self.tokens = torch.randint(0, cfg.vocab_size, (b, s + 1), generator=g).to(device)
         self.params: dict[str, torch.nn.Parameter] = {}
@@ -418,9 +420,16 @@ class Bench:
 
     def forward(self, model):
         with self._ac():
+            if self.loss_chunk:  # the output layer and the loss in chunks, inside forward
+                return model(self.tokens[:, :-1], None, functools.partial(
+                    chunked_cross_entropy, targets=self.tokens[:, 1:], chunk=self.loss_chunk,
+                    group=self.dims.tp_group, vocab_size=self.cfg.vocab_size,
+                    sequence_parallel=self.dims.sequence_parallel))
             return model(self.tokens[:, :-1])
 
     def loss(self, logits):
+        if self.loss_chunk:
+            return logits  # forward already returned the loss
         with self._ac():
             return cross_entropy(logits, self.tokens[:, 1:], self.dims.tp_group, self.cfg.vocab_size)
 
@@ -519,7 +528,8 @@ class Bench:
         elem = 2 if self.autocast else 4
         return Shape(self.cfg, self.b, self.s, self.dims.tp, False, elem=elem,
                      mask_bytes=1 if self.device.type == "cuda" else elem,
-                     math_attention=self.cfg.dropout > 0 and self.device.type == "cpu")
+                     math_attention=self.cfg.dropout > 0 and self.device.type == "cpu",
+                     loss_chunk=self.loss_chunk if self.loss_chunk < self.s else 0)
 
     def formula(self, r: RecomputeConfig) -> list[tuple[str, int, int]]:
         return block_formula(self.shape(), r)
@@ -970,6 +980,8 @@ def main() -> None:
                    help="section 1: only these modes, names separated by ';' (none is always first)")
     p.add_argument("--skip-tp2", action="store_true", help="skip section 2")
     p.add_argument("--skip-deepspeed", action="store_true", help="skip DeepSpeed's rows in section 2")
+    p.add_argument("--loss-chunk", type=int, default=0,
+                   help="section 1: the output layer and loss in chunks of this many positions (train.loss_chunk)")
     p.add_argument("--out", default=None, help="also write the report to this file")
     p.add_argument("overrides", nargs="*", help="config overrides key.sub=value (model.* matter here)")
     a = p.parse_args()
@@ -1052,7 +1064,7 @@ def main() -> None:
             if unknown:
                 p.error(f"--tp1-modes: unknown {sorted(unknown)}; choose from: {'; '.join(m.name for m in modes)}")
             modes = [m for m in modes if m.name in wanted]
-        bench = Bench(cfg, dims, device, batch, seq, autocast)
+        bench = Bench(cfg, dims, device, batch, seq, autocast, loss_chunk=a.loss_chunk)
         deadline = T0 + a.budget - 45 if a.budget > 0 else None  # 45 s: FLOPs counting and the report
         res, timing = run_modes(bench, modes, a.steps, deadline=deadline)
         for mode in modes:

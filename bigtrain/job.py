@@ -107,13 +107,12 @@ def resolve(cfg: Config, world: int, device: str, meta: dict | None = None) -> J
         raise UserError("data.document_mask=true needs an end-of-document id, but the data's tokenizer has none "
                         "(meta.json eos_id=-1); prepare the data with `bigtrain prepare` (which ends every "
                         "document with EOS) or set data.document_mask=false")
+    flex = documents and not on_cpu and flex_available() and cfg.model.dropout == 0
     shape = Shape(cfg.model, t.micro_batch_size, t.seq_len, tp, sp, elem,
                   mask_bytes=elem if on_cpu else 1, math_attention=on_cpu and cfg.model.dropout > 0,
-                  documents=documents, flex=documents and not on_cpu and flex_available() and cfg.model.dropout == 0)
-    if documents and not on_cpu and not shape.flex and cfg.model.kv_heads < cfg.model.n_heads:
-        shape = dataclasses.replace(shape, expand_kv=True)
-    if 0 < t.loss_chunk < t.seq_len:
-        shape = dataclasses.replace(shape, loss_chunk=t.loss_chunk)
+                  documents=documents, flex=flex,
+                  expand_kv=documents and not on_cpu and not flex and cfg.model.kv_heads < cfg.model.n_heads,
+                  loss_chunk=t.loss_chunk if t.loss_chunk < t.seq_len else 0)
     return Job(cfg, world, device, tp, dp, sp, t.global_batch_size // per_step, bf16,
                padded_vocab(cfg.model.vocab_size, tp), shape, meta["eos_id"] if meta is not None else None)
 

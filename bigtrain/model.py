@@ -106,6 +106,14 @@ def positions_in_documents(documents: torch.Tensor) -> torch.Tensor:
     return idx - first
 
 
+MASK_ALIGN = 16  # elements: the row alignment CUDA's fused attention kernels want of a mask
+
+
+def mask_row(s: int) -> int:
+    """Elements one row of a dense (.., s, s) mask takes: s padded to MASK_ALIGN."""
+    return -(-s // MASK_ALIGN) * MASK_ALIGN
+
+
 class DocumentMask:
     """Block-causal attention inside a packed sequence: query i sees key j iff j <= i and both
     belong to the same document. Built once per forward and shared by every block.
@@ -120,18 +128,17 @@ class DocumentMask:
 
     def __init__(self, documents: torch.Tensor, dtype: torch.dtype, flex: bool = False):
         self.documents = documents
-        self.dtype = dtype
         self.block_mask = _block_mask(documents) if flex else None
         self.dense = None if flex else self.dense_mask(dtype)
 
     def dense_mask(self, dtype: torch.dtype) -> torch.Tensor:
-        """(b, 1, s, s) additive mask in `dtype`: a view whose rows are padded to a multiple of
-        16 elements, the alignment CUDA's fused kernels want (else SDPA pads a copy per call)."""
+        """(b, 1, s, s) additive mask in `dtype`: a view whose rows are padded to mask_row(s)
+        elements, the alignment CUDA's fused kernels want (else SDPA pads a copy per call)."""
         d = self.documents
         b, s = d.shape
         causal = torch.ones(s, s, dtype=torch.bool, device=d.device).tril()  # (s, s)
         allowed = (d[:, None, :, None] == d[:, None, None, :]) & causal  # (b, 1, s, s)
-        mask = torch.zeros(b, 1, s, -(-s // 16) * 16, dtype=dtype, device=d.device)[..., :s]
+        mask = torch.zeros(b, 1, s, mask_row(s), dtype=dtype, device=d.device)[..., :s]
         return mask.masked_fill_(~allowed, float("-inf"))
 
     def tensors(self) -> list[torch.Tensor]:

@@ -28,6 +28,7 @@ from bigtrain.parallel.random import seed_rng
 from bigtrain.recompute import apply_recompute
 from tests.conftest import TINY
 from tests.multiproc import run_ranks
+from tests.test_recompute import rc
 
 EOS = 1
 LOGIT_ATOL = 1e-5
@@ -124,25 +125,19 @@ def test_flex_block_mask_matches_the_dense_mask(s):
     torch.testing.assert_close(flex, dense, rtol=0, atol=1e-5)
 
 
-def _rc(**kw) -> RecomputeConfig:
-    r = RecomputeConfig(**{"offload_min_size": "0", **kw})
-    r.validate()
-    return r
-
-
 MODES = {
-    "full": _rc(granularity="full"),
-    "full_block2": _rc(granularity="full", method="block", num_layers=2),
-    "selective_all": _rc(granularity="selective", modules=["norm", "core_attn", "mlp"]),
-    "selective_mlp_act": _rc(granularity="selective", modules=["mlp_act"]),
-    "pointwise": _rc(granularity="selective", modules=["pointwise"]),
-    "pointwise_core_attn": _rc(granularity="selective", modules=["pointwise", "core_attn"]),
-    "offload": _rc(offload=True),
-    "full_offload": _rc(granularity="full", offload=True),
-    "pointwise_offload": _rc(granularity="selective", modules=["pointwise"], offload=True),
+    "full": rc(granularity="full"),
+    "full_block2": rc(granularity="full", method="block", num_layers=2),
+    "selective_all": rc(granularity="selective", modules=["norm", "core_attn", "mlp"]),
+    "selective_mlp_act": rc(granularity="selective", modules=["mlp_act"]),
+    "pointwise": rc(granularity="selective", modules=["pointwise"]),
+    "pointwise_core_attn": rc(granularity="selective", modules=["pointwise", "core_attn"]),
+    "offload": rc(offload=True),
+    "full_offload": rc(granularity="full", offload=True),
+    "pointwise_offload": rc(granularity="selective", modules=["pointwise"], offload=True),
 }
 MODES_TP2 = {**{k: MODES[k] for k in ("full", "selective_all", "pointwise", "full_offload")},
-             "full_partition": _rc(granularity="full", partition=True)}
+             "full_partition": rc(granularity="full", partition=True)}
 
 
 def run_masked(dims: ParallelDims, r: RecomputeConfig, sp: bool = False):
@@ -171,13 +166,13 @@ def assert_bitwise(got, ref, mode):
 
 @pytest.mark.parametrize("mode", list(MODES))
 def test_recompute_modes_are_bitwise_equal_under_the_mask(mode):
-    ref = run_masked(ParallelDims.single(), _rc())
+    ref = run_masked(ParallelDims.single(), rc())
     assert_bitwise(run_masked(ParallelDims.single(), MODES[mode]), ref, mode)
 
 
 def _tp2_modes(rank, world, sp):
     dims = ParallelDims.build(world, rank, tp=2, sequence_parallel=sp)
-    ref = run_masked(dims, _rc(), sp)
+    ref = run_masked(dims, rc(), sp)
     modes = {k: v for k, v in MODES_TP2.items() if not (sp and k == "full_partition")}
     for mode, r in modes.items():
         assert_bitwise(run_masked(dims, r, sp), ref, mode)
@@ -204,7 +199,7 @@ def test_the_mask_is_not_kept_per_block():
             model(tokens, document_ids(tokens, EOS) if documents else None)
         return acc.report.blocks  # label -> BlockBytes(device, host)
 
-    for r in (_rc(), _rc(offload=True), _rc(granularity="selective", modules=["pointwise"])):
+    for r in (rc(), rc(offload=True), rc(granularity="selective", modules=["pointwise"])):
         assert kept(True, r) == kept(False, r)
 
 

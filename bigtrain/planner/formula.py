@@ -52,6 +52,7 @@ from __future__ import annotations
 
 from bigtrain.config import RecomputeConfig, parse_bytes
 from bigtrain.job import Shape  # noqa: F401 - the formula's input, defined with the job
+from bigtrain.model import FLEX_BLOCK, mask_row
 from bigtrain.recompute.policy import keep_last_on_device, spans_of
 
 
@@ -149,10 +150,10 @@ def document_tensors(sh: Shape) -> dict[str, int]:
     b, s = sh.b, sh.s
     out = {"documents.ids": 8 * b * s, "documents.rope": 4 * b * s * sh.model.head_dim}
     if sh.flex:
-        n = -(-s // 128)
+        n = -(-s // FLEX_BLOCK)
         out["documents.block_mask"] = 4 * 4 * b * n * n + 4 * 4 * b * n
     else:
-        out["documents.mask"] = sh.elem * b * s * (-(-s // 16) * 16)  # rows padded to 16 elements
+        out["documents.mask"] = sh.elem * b * s * mask_row(s)  # rows padded for CUDA's kernels
     return out
 
 

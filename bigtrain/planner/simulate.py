@@ -39,10 +39,10 @@ def fake_peak(job: Job, spans: list[Span] | None = None, steps: int = 1) -> dict
     """Peak memory (bytes by MemTracker category, and "Total") of `steps` real training steps of
     the single-process model (tp=1, plain AdamW) under FakeTensorMode: the real ops and
     allocations, no real memory, in the job's compute dtype (resolve it for device "cpu")."""
-    import torch.nn.functional as F
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from bigtrain.optim import build_optimizer
+    from bigtrain.parallel.loss import step_loss
     from bigtrain.recompute.policy import apply_recompute
 
     cfg, t = job.cfg, job.cfg.train
@@ -51,15 +51,11 @@ def fake_peak(job: Job, spans: list[Span] | None = None, steps: int = 1) -> dict
         apply_recompute(model, ParallelDims.single(), cfg.recompute, spans=spans)
         optimizer = build_optimizer(model, cfg.optim)
         tokens = torch.randint(0, cfg.model.vocab_size, (t.micro_batch_size, t.seq_len + 1))
-        documents = _documents(job, tokens[:, :-1])
         tracker = peak_tracker()
         tracker.track_external(model, optimizer)
         with tracker:
             for _ in range(steps):
-                with job.autocast():
-                    logits = model(tokens[:, :-1], documents)
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
-                del logits
+                loss = step_loss(model, tokens, job, ParallelDims.single())  # the trainer's (Trainer.loss_on)
                 loss.backward()
                 del loss
                 optimizer.step()
@@ -153,16 +149,6 @@ def _fake_steps(job: Job, model, engine, dims: ParallelDims, steps: int, tracker
             grad_norm(model, dims)
         engine.optimizer.step()
         engine.optimizer.zero_grad(set_to_none=True)
-
-
-def _documents(job: Job, x: torch.Tensor) -> torch.Tensor | None:
-    """With data.document_mask, the document ids of the fake batch x (b, s), as the trainer's
-    (the mask's bytes do not depend on where the documents end)."""
-    if not job.cfg.data.document_mask:
-        return None
-    from bigtrain.model import document_ids
-
-    return document_ids(x, 0)
 
 
 def simulate_configured(job: Job) -> dict:

@@ -488,70 +488,89 @@ _BOOLS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no"
 
 
 def _coerce(value: Any, typ: Any, key: str, from_cli: bool) -> Any:
+    """`value` (from YAML or the command line) as a value of the field type `typ`, or a ConfigError."""
     origin = typing.get_origin(typ)
     if origin is Literal:
-        choices = typing.get_args(typ)
-        if isinstance(value, bool) and "true" in choices:  # YAML's true/false for a true/false/auto key
-            value = "true" if value else "false"
-        elif isinstance(value, str) and "true" in choices and value.strip().lower() in _BOOLS:
-            value = "true" if _BOOLS[value.strip().lower()] else "false"
-        if value not in choices:
-            raise ConfigError(f"{key}={value!r} is not allowed; choose one of {', '.join(map(str, choices))}")
-        return value
+        return _coerce_choice(value, typing.get_args(typ), key)
     if origin is list:
         (item_t,) = typing.get_args(typ)
-        if isinstance(value, str):
-            text = value.strip()
-            if text.startswith("["):
-                try:
-                    value = yaml.safe_load(text)
-                except yaml.YAMLError as e:
-                    raise ConfigError(f"{key}={text!r} is not a valid list ({str(e).splitlines()[0]}); "
-                                      f"write e.g. {key}=a,b or {key}=[a, b]") from None
-            else:
-                value = [v.strip() for v in text.split(",") if v.strip()]
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}={value!r} must be a list of {item_t.__name__}")
-        return [_coerce(v, item_t, f"{key}[{i}]", from_cli) for i, v in enumerate(value)]
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in _BOOLS:
-            return _BOOLS[value.strip().lower()]
-        raise ConfigError(f"{key}={value!r} must be a boolean (true or false)")
-    if typ is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}={value!r} must be an integer")
-        if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip().replace("_", "")):
-            value = int(value.strip().replace("_", ""))
-        if not isinstance(value, int):
-            raise ConfigError(f"{key}={value!r} must be an integer")
-        if not -INT_LIMIT <= value < INT_LIMIT:  # every int ends up in a C integer somewhere
-            raise ConfigError(f"{key}={value} does not fit in 64 bits; it must be in [-2**63, 2**63)")
+        return [_coerce(v, item_t, f"{key}[{i}]", from_cli) for i, v in enumerate(_as_list(value, item_t, key))]
+    scalar = {bool: _coerce_bool, int: _coerce_int, float: _coerce_float, str: _coerce_str}.get(typ)
+    if scalar is None:
+        raise TypeError(f"unsupported config type {typ} for {key}")  # a bug in this module, not user input
+    return scalar(value, key)
+
+
+def _coerce_choice(value: Any, choices: tuple, key: str) -> Any:
+    if isinstance(value, bool) and "true" in choices:  # YAML's true/false for a true/false/auto key
+        value = "true" if value else "false"
+    elif isinstance(value, str) and "true" in choices and value.strip().lower() in _BOOLS:
+        value = "true" if _BOOLS[value.strip().lower()] else "false"
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not allowed; choose one of {', '.join(map(str, choices))}")
+    return value
+
+
+def _as_list(value: Any, item_t: Any, key: str) -> list:
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                value = yaml.safe_load(text)
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{key}={text!r} is not a valid list ({str(e).splitlines()[0]}); "
+                                  f"write e.g. {key}=a,b or {key}=[a, b]") from None
+        else:
+            value = [v.strip() for v in text.split(",") if v.strip()]
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}={value!r} must be a list of {item_t.__name__}")
+    return value
+
+
+def _coerce_bool(value: Any, key: str) -> bool:
+    if isinstance(value, bool):
         return value
-    if typ is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}={value!r} must be a number")
-        number = None
-        if isinstance(value, (int, float, str)):
-            try:  # YAML 1.1 reads "3e-4" as a string: accept it as the number it means
-                number = float(value.strip() if isinstance(value, str) else value)
-            except OverflowError:  # an int beyond the float range
-                number = math.inf
-            except ValueError:
-                pass
-        if number is None:
-            raise ConfigError(f"{key}={value!r} must be a number")
-        if not math.isfinite(number):  # nan passes every `x < 0` check: refuse it here, for every float key
-            raise ConfigError(f"{key}={value!r} must be a finite number (not nan or inf)")
-        return number
-    if typ is str:
-        if value is None:
-            return ""
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"{key}={value!r} must be a string")
-        return str(value)
-    raise TypeError(f"unsupported config type {typ} for {key}")  # a bug in this module, not user input
+    if isinstance(value, str) and value.strip().lower() in _BOOLS:
+        return _BOOLS[value.strip().lower()]
+    raise ConfigError(f"{key}={value!r} must be a boolean (true or false)")
+
+
+def _coerce_int(value: Any, key: str) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r} must be an integer")
+    if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip().replace("_", "")):
+        value = int(value.strip().replace("_", ""))
+    if not isinstance(value, int):
+        raise ConfigError(f"{key}={value!r} must be an integer")
+    if not -INT_LIMIT <= value < INT_LIMIT:  # every int ends up in a C integer somewhere
+        raise ConfigError(f"{key}={value} does not fit in 64 bits; it must be in [-2**63, 2**63)")
+    return value
+
+
+def _coerce_float(value: Any, key: str) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r} must be a number")
+    number = None
+    if isinstance(value, (int, float, str)):
+        try:  # YAML 1.1 reads "3e-4" as a string: accept it as the number it means
+            number = float(value.strip() if isinstance(value, str) else value)
+        except OverflowError:  # an int beyond the float range
+            number = math.inf
+        except ValueError:
+            pass
+    if number is None:
+        raise ConfigError(f"{key}={value!r} must be a number")
+    if not math.isfinite(number):  # nan passes every `x < 0` check: refuse it here, for every float key
+        raise ConfigError(f"{key}={value!r} must be a finite number (not nan or inf)")
+    return number
+
+
+def _coerce_str(value: Any, key: str) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (dict, list)):
+        raise ConfigError(f"{key}={value!r} must be a string")
+    return str(value)
 
 
 def to_dict(cfg: Any) -> dict:

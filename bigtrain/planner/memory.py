@@ -22,7 +22,7 @@ from bigtrain.job import Job
 from bigtrain.model import build_model
 from bigtrain.parallel.dims import ParallelDims
 from bigtrain.planner.cost import overhead
-from bigtrain.planner.profile import head_profile, span_profile
+from bigtrain.planner.profile import Profile, head_profile, span_profile
 from bigtrain.planner.formula import document_tensors, outside_tensors, span_bytes
 from bigtrain.recompute.policy import Span, keep_last_on_device
 from bigtrain.recompute.saved import CHUNK_BYTES
@@ -142,7 +142,7 @@ def estimate(job: Job, spans: list[Span], policy: str = "", n: Params | None = N
     outside = sum(outs.values())
     # kept until the embedding's backward; the document mask's tensors until the first block's
     ids = outs["embedding.ids"] + outs.get("embedding.dropout_mask", 0) + sum(document_tensors(sh).values())
-    S, v_local = sh.b * sh.s, job.padded_vocab // job.tp
+    S = sh.b * sh.s
     Sr = S // job.tp if sh.sp else S
     D = 4 * Sr * job.cfg.model.dim  # one residual-stream tensor (fp32): a block's input, its gradient
     persistent = st.grads_persistent
@@ -162,32 +162,8 @@ def estimate(job: Job, spans: list[Span], policy: str = "", n: Params | None = N
     head = head_profile(sh, persistent)  # final norm, output layer, loss: their real code on fake tensors
     end_fwd = base + sum(kept_dev) + ids + outs["norm.input"] + head.fwd_peak + in_flight
     phases = {"forward": max(peak_fwd, end_fwd)}
-    # Backward. The head's (loss, output layer, final norm) first, while everything the forward
-    # kept is still there.
-    peak_bwd = base + sum(kept_dev) + outside + head.bwd_peak
-    # Then the output layer and the final norm free what they kept; the output layer's gradient
-    # is the first one backward allocates. Each span: its kept tensors, the incoming gradient,
-    # its backward's transients (replays, temporaries, its gradients as they are made).
-    grads = head.grads
-    cur = base + sum(kept_dev) + ids  # the incoming gradient (D) is part of each span's profile
-    ahead = _prefetched_gathers(job, spans, min_bytes)
-    for i in range(len(spans) - 1, -1, -1):
-        # An offloaded span's kept tensors come back to the device for its backward, and the
-        # nearest earlier span with host copies is prefetched meanwhile (any span's backward
-        # prefetches it, offloaded or not).
-        prefetched = next((h for h in reversed(host_of[:i]) if h), 0)
-        back = host_of[i] + prefetched
-        peak_bwd = max(peak_bwd, cur + grads + prof[i].bwd_peak + back + ahead[i])
-        cur -= kept_dev[i]
-        grads += prof[i].grads if not persistent else 0
-    # The embedding's backward makes a dense (v, h) gradient; accumulated, it is added into the
-    # existing .grad in place; tied (and not accumulated), autograd's input buffer sums it with
-    # the output layer's, still pending, out of place: a second temporary of the same size.
-    one = 4 * v_local * job.cfg.model.dim
-    tied = job.cfg.model.tie_embeddings
-    emb = one * (2 if tied and not persistent else 1) if tied or persistent else 0
-    peak_bwd = max(peak_bwd, cur + D + grads + emb)
-    phases["backward"] = peak_bwd
+    walk = _Walk(base, kept_dev, host_of, prof, head, ids, outside, D, persistent)
+    phases["backward"] = _backward_peak(job, spans, walk, min_bytes)
     phases["optimizer step"] = st.params + st.grads + st.optimizer + st.buffers + st.step_temp + pool
     phases["checkpoint save"] = _save_phase(job, st, n) + pool
     activations = {"gradients": grads_up_front, "activations (blocks)": sum(kept_dev),
@@ -195,6 +171,47 @@ def estimate(job: Job, spans: list[Span], policy: str = "", n: Params | None = N
     components = _components(phases, st, activations, pool)
     return Estimate(policy, spans, components, phases, st.host + offloaded, pinned, overhead(job, n, spans),
                     sum(kept_dev), st.host + pinned)
+
+
+@dataclass(frozen=True)
+class _Walk:
+    """What backward's walk over the spans starts from (see `estimate`)."""
+    base: int  # model states (and the CPU's pool) that live through the step
+    kept_dev: list[int]  # per span: what it keeps on the device
+    host_of: list[int]  # per span: what it keeps on the host
+    prof: list[Profile]  # per span: its forward/backward transients
+    head: Profile  # the final norm, output layer and loss
+    ids: int  # the embedding's ids (and the document mask's tensors)
+    outside: int  # what the embedding, final norm and loss keep
+    D: int  # one residual-stream tensor (fp32): a block's input, its gradient
+    persistent: bool  # the gradients exist before backward (accumulation, DDP buckets)
+
+
+def _backward_peak(job: Job, spans: list[Span], w: _Walk, min_bytes: int) -> int:
+    """The peak of backward: the head's first, while everything the forward kept is still there."""
+    peak = w.base + sum(w.kept_dev) + w.outside + w.head.bwd_peak
+    # Then the output layer and the final norm free what they kept; the output layer's gradient
+    # is the first one backward allocates. Each span: its kept tensors, the incoming gradient,
+    # its backward's transients (replays, temporaries, its gradients as they are made).
+    grads = w.head.grads
+    cur = w.base + sum(w.kept_dev) + w.ids  # the incoming gradient (D) is part of each span's profile
+    ahead = _prefetched_gathers(job, spans, min_bytes)
+    for i in range(len(spans) - 1, -1, -1):
+        # An offloaded span's kept tensors come back to the device for its backward, and the
+        # nearest earlier span with host copies is prefetched meanwhile (any span's backward
+        # prefetches it, offloaded or not).
+        prefetched = next((h for h in reversed(w.host_of[:i]) if h), 0)
+        back = w.host_of[i] + prefetched
+        peak = max(peak, cur + grads + w.prof[i].bwd_peak + back + ahead[i])
+        cur -= w.kept_dev[i]
+        grads += w.prof[i].grads if not w.persistent else 0
+    # The embedding's backward makes a dense (v, h) gradient; accumulated, it is added into the
+    # existing .grad in place; tied (and not accumulated), autograd's input buffer sums it with
+    # the output layer's, still pending, out of place: a second temporary of the same size.
+    one = 4 * (job.padded_vocab // job.tp) * job.cfg.model.dim
+    tied = job.cfg.model.tie_embeddings
+    emb = one * (2 if tied and not w.persistent else 1) if tied or w.persistent else 0
+    return max(peak, cur + w.D + grads + emb)
 
 
 def _prefetched_gathers(job: Job, spans: list[Span], min_bytes: int) -> list[int]:

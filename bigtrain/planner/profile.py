@@ -108,16 +108,15 @@ def _profile(key: SpanKey) -> Profile:
     from bigtrain.config import ModelConfig
     from bigtrain.recompute.policy import Span
 
-    model_items, b, s, t, sp, bf16 = key.model_items, key.b, key.s, key.t, key.sp, key.bf16
-    blocks, checkpointed, modules, persistent = key.blocks, key.checkpointed, key.modules, key.persistent
-    held, partition = key.held, key.partition
-    m = ModelConfig(**dict(model_items))
-    cfg = replace(m, n_layers=blocks, vocab_size=8 * t)
-    with _fake_tp(t, sp) as (dims, own_pg):
-        span = Span(0, blocks, checkpointed=checkpointed, modules=modules, partition=partition and own_pg)
-        prof = _run(cfg, span, dims, b, s, bf16, persistent, held, key.documents)
+    t, partition = key.t, key.partition
+    m = ModelConfig(**dict(key.model_items))
+    cfg = replace(m, n_layers=key.blocks, vocab_size=8 * t)
+    with _fake_tp(t, key.sp) as (dims, own_pg):
+        span = Span(0, key.blocks, checkpointed=key.checkpointed, modules=key.modules,
+                    partition=partition and own_pg)
+        prof = _run(cfg, span, dims, key)
     if partition and not own_pg:  # kept as 1/t of the input, all-gathered whole for the replay
-        d = 4 * b * s * m.dim
+        d = 4 * key.b * key.s * m.dim
         prof = replace(prof, bwd_peak=prof.bwd_peak + d - d // t)
     return prof
 
@@ -145,7 +144,8 @@ def _fake_tp(t: int, sp: bool):
         dist.destroy_process_group()
 
 
-def _run(cfg, span, dims, b, s, bf16, persistent, held, documents=False) -> Profile:
+def _run(cfg, span, dims, key: SpanKey) -> Profile:
+    """The profile of `span` built from `cfg` at the shape, dtype and state in `key`."""
     import unittest.mock
 
     from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
@@ -161,6 +161,7 @@ def _run(cfg, span, dims, b, s, bf16, persistent, held, documents=False) -> Prof
             return _copy(state)
 
     t, m = dims.tp, cfg
+    b, s, bf16, persistent, held = key.b, key.s, key.bf16, key.persistent, key.held
     rng = seed_rng(0, dims) if dims.tp_group is not None else None
     autocast = (torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False) if bf16
                 else _null())
@@ -175,7 +176,7 @@ def _run(cfg, span, dims, b, s, bf16, persistent, held, documents=False) -> Prof
         runner = model.block_runner
         x = torch.zeros(b, s // t if dims.sequence_parallel else s, m.dim, requires_grad=True)
         # the forward's shared tensors (formula.document_tensors counts them), made before counting
-        docs = torch.zeros(b, s, dtype=torch.long) if documents else None
+        docs = torch.zeros(b, s, dtype=torch.long) if key.documents else None
         pos = model.positions(s, docs, torch.bfloat16 if bf16 else torch.float32)
         if persistent:
             for p in model.parameters():

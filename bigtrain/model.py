@@ -310,13 +310,18 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, pos: Positions) -> torch.Tensor:
-        x, mlp_out = self.sublayers(x, pos)
+        x, mlp_out = self.mlp_half(x, self.attention_half(x, pos))
         return x + self.dropout(mlp_out)
 
-    def sublayers(self, x: torch.Tensor, pos: Positions) -> tuple[torch.Tensor, torch.Tensor]:
-        """The block up to its last residual add: (x after attention, MLP output), both (b, s, h).
-        A boundary of its own for pointwise recompute (bigtrain.recompute.pointwise)."""
-        x = x + self.dropout(self.attention(self.attention_norm(x), pos))
+    # The two halves are pointwise recompute's regions (bigtrain.recompute.pointwise): each is
+    # replayed on its own in backward, so only one half's elementwise outputs exist at once.
+    def attention_half(self, x: torch.Tensor, pos: Positions) -> torch.Tensor:
+        """The attention sublayer's output (b, s, h), before its dropout and residual add."""
+        return self.attention(self.attention_norm(x), pos)
+
+    def mlp_half(self, x: torch.Tensor, attn_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x after the attention's residual add, the MLP's output), both (b, s, h)."""
+        x = x + self.dropout(attn_out)
         return x, self.feed_forward(self.ffn_norm(x))
 
 

@@ -35,8 +35,8 @@ outputs of its matmuls and attention, nothing elementwise:
     q, k, v (before RoPE)   e*S*(h + 2kv)/t
     fused attention         output e*S*h/t + lse 4*S*a/t (math kernel, CPU dropout: the scores
                             q k^T e*S*a*s/t and probabilities @ v e*S*h/t)
-    out-projection          e*S*h (the partial sums before the all-reduce / reduce-scatter: full
-                            S and h on every rank)
+    out-projection          e*Sr*h (after its all-reduce / reduce-scatter: the second half's
+                            input, kept by its stash; under SP this rank's slice)
     gate, up                2*e*S*f/t
     dropout p > 0           mask_bytes*Sr*h of the last residual add only (the other is replayed)
 
@@ -195,7 +195,7 @@ def _pointwise(sh: Shape, modules: list[str]) -> dict[str, int]:
     Sr = S // t if sh.sp else S
     h, kv, f, a = m.dim, m.kv_heads * m.head_dim, m.hidden, m.n_heads
     kept = {"input": 4 * Sr * h, "attention.wq": e * S * h // t, "attention.wk": e * S * kv // t,
-            "attention.wv": e * S * kv // t, "attention.wo": e * S * h}
+            "attention.wv": e * S * kv // t, "attention.wo": e * Sr * h}
     # attention dropout outside the math kernel (CUDA): the fused kernel draws it, so it runs
     # again in the replay and keeps nothing, as under core_attn
     fused_dropout = m.dropout > 0 and not sh.math_attention

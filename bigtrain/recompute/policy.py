@@ -45,9 +45,10 @@ SELECTIVE_MODULES = {
     "mlp": ("feed_forward",),
     "pointwise": (),  # the whole block: see BlockRunner._run_pointwise
 }
-# With pointwise, nothing is kept inside these (they run again in the replay): always the
-# down-projection (only the last residual add reads its output), and the named modules.
-POINTWISE_NOT_KEPT = {"pointwise": ("feed_forward.w2",), "core_attn": ("attention.core_attention",),
+# With pointwise, nothing is kept inside these (they run again in the replay): always each
+# half's last matmul (the out- and down-projections: only residual adds read their outputs;
+# the attention's is the second half's input, kept by its stash), and the named modules.
+POINTWISE_NOT_KEPT = {"pointwise": ("attention.wo", "feed_forward.w2"), "core_attn": ("attention.core_attention",),
                       "mlp": ("feed_forward",)}
 
 
@@ -168,18 +169,26 @@ class BlockRunner:
         return x
 
     def _run_pointwise(self, layer, x, pos):
-        """One block under op-level recompute: the stash keeps x, the Kept the matmul and
-        attention outputs of the block's sublayers; the last residual add (and its dropout,
-        whose mask is kept as without recompute) runs outside the checkpoint."""
+        """One block under op-level recompute, as two checkpoint regions (Block.attention_half,
+        Block.mlp_half) so that backward replays one half at a time. Each keeps the matmul and
+        attention outputs of its half (a Kept); the first region's stash keeps x, the second's
+        x and the attention's output (the first region's last matmul, not kept inside it). The
+        last residual add (and its dropout, whose mask is kept as without recompute) runs
+        outside both."""
         group = self.saved.current
-        stash = Stash((x,), group)
-        x, mlp_out = checkpoint(self._sublayers, stash, layer, pos, rng=self.rng, kept=Kept(group))
+        attn_out = checkpoint(self._attention_half, Stash((x,), group), layer, pos, rng=self.rng, kept=Kept(group))
+        x, mlp_out = checkpoint(self._mlp_half, Stash((x, attn_out), group), layer, rng=self.rng, kept=Kept(group))
         return x + layer.dropout(mlp_out)
 
     @staticmethod
-    def _sublayers(stash: Stash, layer, pos):
+    def _attention_half(stash: Stash, layer, pos):
         (x,) = stash.take()
-        return layer.sublayers(x, pos)
+        return layer.attention_half(x, pos)
+
+    @staticmethod
+    def _mlp_half(stash: Stash, layer):
+        x, attn_out = stash.take()
+        return layer.mlp_half(x, attn_out)
 
 
 _IN_STASH = object()  # where a Recomputed module's tensor argument goes back in its replay

@@ -43,7 +43,7 @@ def stop_times(data: str, seq: int, rounds: int) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="bench-save-"))
     trainer = Trainer(load_config("configs/llama-125m.yaml", overrides(data, tmp / "run", seq)))
     trainer.train_step()
-    saver = state.AsyncSaver(trainer.cfg.parallel.timeout_s)
+    saver = state.AsyncSaver(trainer.dims.new_side_group())
     blocking, background, written = [], [], []
     for i in range(rounds):
         # what Trainer.save does in the foreground, and under train.async_save at save_every

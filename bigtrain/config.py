@@ -25,7 +25,7 @@ from typing import Any, Literal
 import yaml
 
 from bigtrain.errors import ConfigError
-from bigtrain.parallel.dims import check_sequence, check_sequence_parallel
+from bigtrain.parallel.dims import check_sequence
 
 
 @dataclass
@@ -116,7 +116,6 @@ class ParallelConfig:
         _nonnegative(self, "dp", "zero3_persistence_threshold")
         if self.zero_stage not in (1, 2, 3):
             raise ConfigError(f"parallel.zero_stage={self.zero_stage} is not allowed; choose 1, 2 or 3")
-        check_sequence_parallel(self.tp, self.sequence_parallel)
 
 
 @dataclass

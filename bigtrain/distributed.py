@@ -69,7 +69,7 @@ def init_process_groups(job: Job, rank: int, device: torch.device) -> ParallelDi
         init = f"tcp://127.0.0.1:{_free_port()}" if job.world == 1 else "env://"
         dist.init_process_group(backend=backend, init_method=init, rank=rank, world_size=job.world, timeout=timeout,
                                 device_id=device if device.type == "cuda" else None)
-    return ParallelDims.build(job.world, rank, job.tp, job.dp, sequence_parallel=job.sp, timeout=timeout)
+    return ParallelDims.create(job.world, rank, job.tp, job.dp, sequence_parallel=job.sp, timeout=timeout)
 
 
 def _free_port() -> int:

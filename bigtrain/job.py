@@ -88,12 +88,12 @@ def resolve(cfg: Config, world: int, device: str, meta: dict | None = None) -> J
     bigtrain.data.mixture.data_meta); None reads it only when the vocabulary
     must come from it (model.vocab_size 0), so `bigtrain plan` needs no data for a preset.
     """
-    tp, dp = check_layout(world, cfg.parallel.tp, cfg.parallel.dp)
+    tp, dp = check_layout(world, cfg.parallel.tp, cfg.parallel.dp, cfg.parallel.sequence_parallel)
     cfg = _with_vocab(_with_data_path(cfg), meta)
     check_model(cfg.model, tp)
     t = cfg.train
     per_step = t.micro_batch_size * dp
-    if t.global_batch_size % per_step:
+    if (t.global_batch_size // t.micro_batch_size) % dp:  # (config checked the micro-batch divides it)
         raise UserError(f"train.global_batch_size({t.global_batch_size}) is not a multiple of "
                         f"train.micro_batch_size({t.micro_batch_size}) * dp({dp}) = {per_step}")
     bf16 = t.dtype == "bf16" or (t.dtype == "auto" and device == "cuda")

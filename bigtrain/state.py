@@ -12,7 +12,6 @@ bigtrain.build.Components: it is not imported here, since build imports this mod
 from __future__ import annotations
 
 import threading
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -179,12 +178,10 @@ class AsyncSaver:
     never interleave with training's collectives (and need no GPU stream); the atomic rename is
     unchanged, so a step_* directory is complete or absent as before. A failed background save
     raises its one-line error at wait(): the next save or the end of training, the same point on
-    every rank. Creating it is collective."""
+    every rank."""
 
-    def __init__(self, timeout_s: float):
-        self.group = None
-        if dist.is_available() and dist.is_initialized():
-            self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+    def __init__(self, group):
+        self.group = group  # ParallelDims.new_side_group(): None in one process
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.staging = HostStaging()  # the host copy of each save, its buffers reused

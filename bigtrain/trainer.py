@@ -13,6 +13,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -147,7 +148,8 @@ class Trainer:
         t = self.cfg.train
         can_evaluate = self._announce()
         logger = MetricsLogger(self.cfg, self.out_dir, enabled=self.is_main, start_step=self.step)
-        self.saver = state.AsyncSaver(self.cfg.parallel.timeout_s) if self.components.async_save else None  # collective
+        timeout = timedelta(seconds=self.cfg.parallel.timeout_s)
+        self.saver = state.AsyncSaver(self.dims.new_side_group(timeout)) if self.components.async_save else None  # collective
         window = _Window()
         records, stop = [], StopRequest(self.cfg.train.stop_check_every)
         try:

@@ -17,8 +17,10 @@ import torch.distributed as dist
 from bigtrain.errors import ConfigError, UserError
 
 
-def check_layout(world_size: int, tp: int, dp: int = 0) -> tuple[int, int]:
-    """Validate tp x dp against world_size and return (tp, dp); dp=0 infers world_size / tp."""
+def check_layout(world_size: int, tp: int, dp: int = 0, sequence_parallel: bool = False) -> tuple[int, int]:
+    """Validate tp x dp (and sequence parallelism) against world_size and return (tp, dp); dp=0
+    infers world_size / tp. The one check of a layout: job.resolve runs it for a run's config,
+    ParallelDims.build for a layout built by hand."""
     if world_size < 1:
         raise UserError(f"world_size({world_size}) must be >= 1")
     if tp < 1:
@@ -31,6 +33,7 @@ def check_layout(world_size: int, tp: int, dp: int = 0) -> tuple[int, int]:
         dp = world_size // tp
     if tp * dp != world_size:
         raise UserError(f"tp({tp}) * dp({dp}) = {tp * dp} != world_size({world_size})")
+    check_sequence_parallel(tp, sequence_parallel)
     return tp, dp
 
 
@@ -102,21 +105,34 @@ class ParallelDims:
     @classmethod
     def build(cls, world_size: int, rank: int, tp: int, dp: int = 0, sequence_parallel: bool = False,
               timeout=None) -> "ParallelDims":
-        """Validate the layout and create the process groups.
+        """Validate a layout given by hand (check_layout) and create its process groups (create)."""
+        tp, dp = check_layout(world_size, tp, dp, sequence_parallel)
+        return cls.create(world_size, rank, tp, dp, sequence_parallel, timeout)
+
+    @classmethod
+    def create(cls, world_size: int, rank: int, tp: int, dp: int, sequence_parallel: bool = False,
+               timeout=None) -> "ParallelDims":
+        """The process groups of a valid layout (a Job's: job.resolve checked it).
 
         Collective: dist.new_group must be called by every rank for every group in the same
         order, so each rank creates all TP groups and all DP groups and keeps its own.
         timeout: a datetime.timedelta for the groups' collectives (parallel.timeout_s); None
         keeps torch's default.
         """
-        tp, dp = check_layout(world_size, tp, dp)
-        check_sequence_parallel(tp, sequence_parallel)
         dims = cls(world_size, rank, tp, dp, sequence_parallel=sequence_parallel)
         if tp > 1:
             dims.tp_group = _mine([list(range(i * tp, (i + 1) * tp)) for i in range(dp)], rank, world_size, timeout)
         if dp > 1:
             dims.dp_group = _mine([list(range(j, world_size, tp)) for j in range(tp)], rank, world_size, timeout)
         return dims
+
+    def new_side_group(self, timeout=None) -> dist.ProcessGroup | None:
+        """A gloo group of every rank beside the training groups, for agreements that run on
+        another thread (background saves): they never interleave with training's collectives
+        and need no GPU stream. None without torch.distributed. Collective."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        return dist.new_group(backend="gloo", timeout=timeout)
 
     def new_self_group(self) -> dist.ProcessGroup:
         """A group of this rank alone (DeepSpeed asks for a group even where a size is 1).

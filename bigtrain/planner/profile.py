@@ -199,7 +199,8 @@ def _run(cfg, span, dims, key: SpanKey) -> Profile:
             start = live.restart_peak()
             _FreshGrad.apply(y).sum().backward()
             bwd_peak = live.peak - start
-            del y, holder
+            del y
+            holder.clear()
             # what stays: parameter gradients (when new) and x.grad (which replaces g)
             grads = 0 if persistent else sum(p.grad.untyped_storage().nbytes() for p in model.parameters()
                                              if p.grad is not None)

@@ -104,7 +104,7 @@ def simulated_peak(job: Job, spans: list[Span] | None = None, steps: int = 2) ->
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=job.world)
     try:
         with unittest.mock.patch.object(rng_module, "_copy", real_copy):
-            dims = ParallelDims.build(job.world, 0, job.tp, job.dp, sequence_parallel=job.sp)
+            dims = ParallelDims.create(job.world, 0, job.tp, job.dp, sequence_parallel=job.sp)
             rng = seed_rng(t.seed, dims)
             device = torch.device("cpu")
             with FakeTensorMode(allow_non_fake_inputs=True):  # the RNG states a replay restores are real

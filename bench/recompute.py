@@ -327,6 +327,7 @@ class PeakTracker(MemTracker):
     def __init__(self):
         super().__init__()
         self.max_by_cat: dict = {}
+        self.act_peak_at = ""  # where the activations' maximum was reached: phase and innermost module
 
     def _update_peak_stats(self, peak_state) -> None:
         super()._update_peak_stats(peak_state)
@@ -335,6 +336,9 @@ class PeakTracker(MemTracker):
             for k, v in snap.items():
                 if v > m.get(k, 0):
                     m[k] = v
+                    if getattr(k, "value", k) == "Activation":
+                        inner = max(self._mod_tracker.parents, key=len, default="")
+                        self.act_peak_at = f"{'backward' if self._mod_tracker.is_bw else 'forward'}, in {inner}"
 
 
 class OtherLoad:
@@ -512,6 +516,7 @@ class Bench:
         most = _snap_by_name(mt.max_by_cat, self.device)
         out["mt_fwd_act"] = fwd.get("Activation", 0)
         out["mt_peak_act"] = most.get("Activation", 0)  # the category's own maximum over the step
+        out["mt_peak_act_at"] = mt.act_peak_at
         out["mt_peak_total"] = peak.get("Total", 0)
         out["mt_peak_other"] = peak.get("Other", 0)  # the host pool on the CPU
         out["pool"] = pool.capacity if pool is not None else 0
@@ -1114,6 +1119,9 @@ def main() -> None:
         lines += t2
         lines.append("")
         lines.append(raw_times(res, s1["names"]))
+        lines.append("")
+        lines.append("Where each mode's peak ACT is reached (MemTracker's phase and innermost module at that moment): "
+                     + "; ".join(f"{n}: {res[n].get('mt_peak_act_at') or '-'}" for n in s1["names"]) + ".")
         lines.append("")
         if autocast:
             lines.append("Note: under bf16 autocast the formula takes 2-byte matmul/attention activations, fp32 norms and "

@@ -59,7 +59,7 @@ def test_pointwise_keeps_fewer_bytes():
 def _tp2_pointwise(rank, world, sp):
     dims = ParallelDims.build(world, rank, tp=2, sequence_parallel=sp)
     ref = run_model(dims, NONE, sp=sp)
-    for mode in ("pointwise", "pointwise_mlp", "pointwise_offload"):
+    for mode in ("pointwise", "pointwise_core_attn", "pointwise_mlp", "pointwise_offload"):
         assert_same(run_model(dims, POINTWISE[mode], sp=sp), ref, mode)
     for mode in ("none", "pointwise", "pointwise_core_attn"):
         r = NONE if mode == "none" else POINTWISE[mode]
@@ -104,6 +104,9 @@ ENGINES = {  # layout -> (ranks, overrides, recompute overrides)
     "deepspeed_zero2_dp2_pointwise_offload": (2, ["parallel.dp=2", "parallel.engine=deepspeed", "parallel.zero_stage=2"],
                                               ["recompute.granularity=selective", "recompute.modules=pointwise",
                                                "recompute.offload=true"]),
+    "deepspeed_zero1_tp2_sp_pointwise": (2, ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.engine=deepspeed",
+                                         "parallel.zero_stage=1"],
+                                         ["recompute.granularity=selective", "recompute.modules=pointwise"]),
     "deepspeed_zero3_dp2_pointwise": (2, ["parallel.dp=2", "parallel.engine=deepspeed", "parallel.zero_stage=3"],
                                       ["recompute.granularity=selective", "recompute.modules=pointwise"]),
 }

@@ -1,9 +1,10 @@
 """The cost model: the extra time a policy adds to a step, estimated from FLOPs and bytes.
 
 Recomputed FLOPs at hardware.peak_tflops * hardware.mfu, recomputed elementwise modules (norm,
-mlp_act, pointwise) at hardware.memory_bandwidth, offload copies beyond what the block's own compute hides at
-hardware.host_bandwidth, and partition all-gathers at hardware.tp_bandwidth (exposed for the first of
-backward; each later one is started during the next span's recompute and backward).
+mlp_act, pointwise) at hardware.memory_bandwidth, offload copies beyond what the neighbouring
+spans' compute hides at hardware.host_bandwidth (copy_exposure), and partition all-gathers at
+hardware.tp_bandwidth (exposed for the first of backward; each later one is started during the
+next span's recompute and backward).
 These rank policies against each other; they are not measurements.
 """
 
@@ -23,9 +24,9 @@ def overhead(job: Job, n, spans: list[Span]) -> float:
     S, t = sh.b * sh.s, job.tp
     attn_fwd = 4 * S * sh.s * m.dim / t  # q k^T and probs v over the full square (as flops_per_token)
     mlp_fwd = 2 * S * 3 * m.dim * m.hidden / t
-    block_fwd = 2 * S * n.per_block + attn_fwd  # n.per_block is already this rank's share
+    block_fwd = _block_fwd(job, n)
     step = 3 * (m.n_layers * block_fwd + 2 * S * n.vocab) / flops
-    hbm, host, tpbw = hw.memory_bandwidth * 1e9, hw.host_bandwidth * 1e9, hw.tp_bandwidth * 1e9
+    hbm, tpbw = hw.memory_bandwidth * 1e9, hw.tp_bandwidth * 1e9
     Sr = S // t if sh.sp else S
     min_bytes = parse_bytes(job.cfg.recompute.offload_min_size)
     extra = 0.0
@@ -47,11 +48,6 @@ def overhead(job: Job, n, spans: list[Span]) -> float:
                 extra += k * 3 * sh.elem * S * m.hidden / t / hbm
             elif name == "pointwise":
                 extra += k * _pointwise_bytes(job) / hbm
-        if span.offload:
-            moved = span_bytes(sh, span, min_bytes)[1] / host
-            # device->host during this span's and the next one's forward (two spans of copies in
-            # flight), host->device during the next span's backward (about twice its forward)
-            extra += max(0.0, moved - fwd_time - next_fwd) + max(0.0, moved - 2 * fwd_time)
         if span.partition and t > 1 and not sh.sp:
             gather = 4 * S * m.dim * (t - 1) / t / tpbw
             nxt = spans[i + 1] if i + 1 < len(spans) else None
@@ -62,7 +58,39 @@ def overhead(job: Job, n, spans: list[Span]) -> float:
                 extra += max(0.0, gather - 3 * next_fwd)
             else:
                 extra += gather  # the first of backward, or after an unpartitioned span: exposed
+    extra += sum(d2h + h2d for _, d2h, h2d in copy_exposure(job, n, spans).values())
     return extra / step
+
+
+def copy_exposure(job: Job, n, spans: list[Span]) -> dict[str, tuple[float, float, float]]:
+    """Per offloaded span's label (after keep_last_on_device): (one-way copy seconds, exposed
+    device->host seconds, exposed host->device seconds) for one micro-batch. Device->host runs
+    during this span's and the next one's forward (two spans of copies in flight); host->device
+    is prefetched from the start of the next span's backward: its replay (if checkpointed) and
+    its backward, about twice its forward."""
+    hw, sh = job.cfg.hardware, job.shape
+    flops = hw.peak_tflops * 1e12 * hw.mfu
+    block_fwd = _block_fwd(job, n)
+    min_bytes = parse_bytes(job.cfg.recompute.offload_min_size)
+    spans = keep_last_on_device(spans)
+    out = {}
+    for i, span in enumerate(spans):
+        if not span.offload:
+            continue
+        fwd = (span.stop - span.start) * block_fwd / flops
+        nxt = spans[i + 1] if i + 1 < len(spans) else None
+        next_fwd = (nxt.stop - nxt.start) * block_fwd / flops if nxt is not None else 0.0
+        next_bwd = (next_fwd if nxt is not None and nxt.checkpointed else 0.0) + 2 * next_fwd
+        moved = span_bytes(sh, span, min_bytes)[1] / (hw.host_bandwidth * 1e9)
+        out[span.label] = (moved, max(0.0, moved - fwd - next_fwd), max(0.0, moved - next_bwd))
+    return out
+
+
+def _block_fwd(job: Job, n) -> float:
+    """One block's forward FLOPs on this rank: its matmuls and attention's two s x s products."""
+    sh, m = job.shape, job.cfg.model
+    S = sh.b * sh.s
+    return 2 * S * n.per_block + 4 * S * sh.s * m.dim / job.tp  # n.per_block is already this rank's share
 
 
 def _pointwise_bytes(job: Job) -> float:

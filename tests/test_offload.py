@@ -395,3 +395,30 @@ def test_formula_keeps_the_last_explicit_span_on_the_device():
     measured = {label: (b.device, b.host) for label, b in acc.report.blocks.items()}
     assert measured == {label: (d, h) for label, d, h in block_formula(Shape(c, B, S), rc(), plan)}
     assert measured["layer 1"][1] == 0 and measured["layer 0"][0] == 0
+
+
+@pytest.mark.parametrize("modes", [["recompute.granularity=none"], ["recompute.granularity=full"],
+                                   ["recompute.granularity=selective", "recompute.modules=pointwise"]])
+def test_planner_pool_bytes_are_what_the_pool_hands_out(modes):
+    # Shapes whose saved tensors are not multiples of the pool's 512-byte alignment (rstd is
+    # 4 * 21 bytes): the plan's pinned bytes must count each storage as the pool rounds it.
+    from bigtrain.config import load_config
+    from bigtrain.job import resolve
+    from bigtrain.model import build_model, init_weights
+    from bigtrain.parallel.dims import ParallelDims
+    from bigtrain.planner.formula import span_bytes, span_pool_bytes
+    from bigtrain.recompute import apply_recompute
+
+    cfg = load_config(None, ["model.dim=24", "model.n_layers=3", "model.n_heads=2", "model.n_kv_heads=1",
+                             "model.ffn_hidden=40", "model.vocab_size=50", "model.dropout=0.0", "train.seq_len=7",
+                             "train.micro_batch_size=3", "train.global_batch_size=3", "train.device=cpu",
+                             "recompute.offload=true", "recompute.offload_min_size=0", *modes])
+    job = resolve(cfg, 1, "cpu")
+    model = init_weights(apply_recompute(build_model(job.cfg.model), ParallelDims.single(), job.cfg.recompute), seed=0)
+    tokens = torch.randint(0, 50, (3, 7), generator=torch.Generator().manual_seed(0))
+    model(tokens).sum().backward()
+    spans = model.block_runner.spans
+    pool = model.block_runner.saved.pool
+    planned = sum(span_pool_bytes(job.shape, s, 0) for s in spans)
+    assert pool.peak_requested == planned
+    assert planned > sum(span_bytes(job.shape, s, 0)[1] for s in spans)  # the rounding is counted

@@ -54,6 +54,7 @@ from bigtrain.config import RecomputeConfig, parse_bytes
 from bigtrain.job import Shape  # noqa: F401 - the formula's input, defined with the job
 from bigtrain.model import FLEX_BLOCK, mask_row
 from bigtrain.recompute.policy import keep_last_on_device, spans_of
+from bigtrain.recompute.saved import POOL_ALIGN
 
 
 
@@ -224,17 +225,32 @@ def _split(tensors: dict[str, int], offload: bool, min_bytes: int) -> tuple[int,
 
 def span_bytes(sh: Shape, span, min_bytes: int) -> tuple[int, int]:
     """Predicted (device, host) bytes one span keeps (see policy.Span)."""
+    tensors, copies = _span_tensors(sh, span)
+    dev, host = _split(tensors, span.offload, min_bytes)
+    return dev * copies, host * copies
+
+
+def span_pool_bytes(sh: Shape, span, min_bytes: int) -> int:
+    """Host-pool bytes one offloaded span takes: its host tensors, each rounded up to the pool's
+    alignment (recompute.saved.HostPool hands out 512-byte multiples)."""
+    if not span.offload:
+        return 0
+    tensors, copies = _span_tensors(sh, span)
+    return copies * sum(-(-n // POOL_ALIGN) * POOL_ALIGN for n in tensors.values() if n >= min_bytes)
+
+
+def _span_tensors(sh: Shape, span) -> tuple[dict[str, int], int]:
+    """(the storages one unit of the span keeps, how many units): a checkpointed span keeps its
+    input once, any other span its per-block tensors for each block."""
     S = sh.b * sh.s
     Sr = S // sh.tp if sh.sp else S
     if span.checkpointed:
         n = 4 * Sr * sh.model.dim  # the residual stream is fp32
         if span.partition and sh.tp > 1 and not sh.sp:
             n = 4 * -(-(S * sh.model.dim) // sh.tp)  # 1/t of the flat input, padded
-        return _split({"input": n}, span.offload, min_bytes)
+        return {"input": n}, 1
     kept = _pointwise if "pointwise" in span.modules else _selective
-    dev, host = _split(kept(sh, list(span.modules)), span.offload, min_bytes)
-    n = span.stop - span.start
-    return dev * n, host * n
+    return kept(sh, list(span.modules)), span.stop - span.start
 
 
 def block_formula(sh: Shape, r: RecomputeConfig, spans=None) -> list[tuple[str, int, int]]:

@@ -23,7 +23,7 @@ from bigtrain.model import build_model
 from bigtrain.parallel.dims import ParallelDims
 from bigtrain.planner.cost import overhead
 from bigtrain.planner.profile import Profile, head_profile, span_profile
-from bigtrain.planner.formula import document_tensors, outside_tensors, span_bytes
+from bigtrain.planner.formula import document_tensors, outside_tensors, span_bytes, span_pool_bytes
 from bigtrain.recompute.policy import Span, keep_last_on_device
 from bigtrain.recompute.saved import CHUNK_BYTES
 
@@ -137,7 +137,8 @@ def estimate(job: Job, spans: list[Span], policy: str = "", n: Params | None = N
     kept_dev = [d for d, _ in kept]
     host_of = [h for _, h in kept]
     offloaded = sum(host_of)
-    pinned = -(-offloaded // CHUNK_BYTES) * CHUNK_BYTES  # the pool pins whole chunks
+    pooled = sum(span_pool_bytes(sh, s, min_bytes) for s in spans)  # each storage aligned in the pool
+    pinned = -(-pooled // CHUNK_BYTES) * CHUNK_BYTES  # the pool pins whole chunks
     outs = outside_tensors(sh, job.padded_vocab)
     outside = sum(outs.values())
     # kept until the embedding's backward; the document mask's tensors until the first block's
@@ -268,8 +269,9 @@ def offload_reservation(job: Job, spans: list[Span]) -> tuple[int, int]:
     and the side stream reserve at build time so that step 1 does not stall on allocating them.
     Reloads: a span's tensors and the prefetched earlier span's, at most two spans at once."""
     min_bytes = parse_bytes(job.cfg.recompute.offload_min_size)
-    host_of = [span_bytes(job.shape, s, min_bytes)[1] for s in keep_last_on_device(spans)]
+    spans = keep_last_on_device(spans)
+    host_of = [span_bytes(job.shape, s, min_bytes)[1] for s in spans]
     if not any(host_of):
         return 0, 0
     two = sorted(host_of)[-2:]
-    return sum(host_of), sum(two)
+    return sum(span_pool_bytes(job.shape, s, min_bytes) for s in spans), sum(two)

@@ -46,12 +46,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-_ALIGN = 512  # bytes; keeps every pooled buffer aligned for fast (DMA) copies
+POOL_ALIGN = 512  # bytes; keeps every pooled buffer aligned for fast (DMA) copies
 CHUNK_BYTES = 1 << 30  # host pool chunk: a power of two, so torch's pinned allocator rounds nothing up
 
 
 def _aligned(nbytes: int) -> int:
-    return -(-nbytes // _ALIGN) * _ALIGN
+    return -(-nbytes // POOL_ALIGN) * POOL_ALIGN
 
 
 class HostPool:
@@ -70,8 +70,8 @@ class HostPool:
     """
 
     def __init__(self, allocate, chunk_bytes: int = CHUNK_BYTES):
-        if chunk_bytes < _ALIGN or chunk_bytes & (chunk_bytes - 1):
-            raise ValueError(f"host pool chunk_bytes({chunk_bytes}) must be a power of two >= {_ALIGN}")
+        if chunk_bytes < POOL_ALIGN or chunk_bytes & (chunk_bytes - 1):
+            raise ValueError(f"host pool chunk_bytes({chunk_bytes}) must be a power of two >= {POOL_ALIGN}")
         self.allocate, self.chunk_bytes = allocate, chunk_bytes
         self.chunks: list[torch.Tensor] = []  # (chunk_bytes,) uint8 each
         self._chunk, self._offset = 0, 0
@@ -87,7 +87,7 @@ class HostPool:
             n = min(self.chunk_bytes - self._offset, nbytes - done)
             pieces.append((done, self.chunks[self._chunk][self._offset:self._offset + n]))
             done += n
-            # a piece ends either at the chunk's end (a multiple of _ALIGN) or at the storage's
+            # a piece ends either at the chunk's end (a multiple of POOL_ALIGN) or at the storage's
             # end, so every piece, and its slice of the device storage, starts aligned
             self._offset += _aligned(n)
             if self._offset >= self.chunk_bytes:

@@ -13,8 +13,11 @@
    offload mode against none, bitwise, plain, with a sleep queued on the side stream before
    every copy, and with that sleep plus a garbage-filled allocation after every span; step 2
    under torch.cuda.set_sync_debug_mode("error"); allocator retries and all-stream syncs
-   unchanged across steps; a profiler trace of step 3 with the exposed copy time per span;
-   max_memory_allocated and the pinned host bytes against the plan.
+   unchanged across steps; a profiler trace of step 3 with the exposed copy time per span
+   next to the planner's estimate of it (bigtrain.planner.cost's offload model, per span and
+   direction, at the config's hardware section); max_memory_allocated against the plan's peak,
+   and the pinned host bytes (the pool's own counter, and on CUDA torch.cuda.host_memory_stats)
+   against the plan's host_pinned_bytes, within PINNED_TOLERANCE.
 
 Training data are random tokens written to a temporary directory (no tokenizer, no download).
 Steps are timed with CUDA synchronisation; nothing is checkpointed.
@@ -39,6 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bigtrain import planner as P  # noqa: E402
 from bigtrain.job import resolve  # noqa: E402
 from bigtrain.config import load_config  # noqa: E402
+from bigtrain.planner.cost import copy_exposure  # noqa: E402
+from bigtrain.planner.memory import offload_reservation  # noqa: E402
 from bigtrain.recompute.policy import keep_last_on_device, spans_of  # noqa: E402
 from bigtrain.recompute.saved import CHUNK_BYTES  # noqa: E402
 from bigtrain.trainer import Trainer  # noqa: E402
@@ -127,6 +132,10 @@ OFFLOAD_MODES = {  # name -> (recompute overrides, the first k blocks full+offlo
     "full+offload x half + selective(norm,mlp_act)": ([], ("selective(norm,mlp_act)", 2)),
 }
 SLEEP_CYCLES = 2_000_000  # ~1 ms at ~2 GHz: a copy that starts late must still read and write the right memory
+# Pinned host bytes against the plan: |measured / planned - 1| beyond this is a failure. The pool
+# pins whole 1 GiB chunks, so a miss by one chunk is flagged for any pool under 100 GiB; the
+# bytes the pool hands out are the plan's offloaded bytes rounded up to 512 per storage.
+PINNED_TOLERANCE = 0.01
 
 
 def offload_config(smoke: bool, extra: list[str]):
@@ -206,6 +215,7 @@ def offload_run(cfg, plan, variant: str, device: torch.device, trace_path: str |
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    host_before = _host_allocated() if cuda else None
     model = build_model(cfg.model)
     if plan is not None:
         apply_recompute(model, ParallelDims.single(), cfg.recompute, spans=plan)
@@ -250,11 +260,25 @@ def offload_run(cfg, plan, variant: str, device: torch.device, trace_path: str |
         sync()
         stats = torch.cuda.memory_stats() if cuda else {}
         counters.append((stats.get("num_alloc_retries"), stats.get("num_sync_all_streams")))
-    out = {"grads": grads, "counters": counters, "peak": torch.cuda.max_memory_allocated() if cuda else 0}
+    out = {"grads": grads, "counters": counters, "peak": torch.cuda.max_memory_allocated() if cuda else 0,
+           # pinned bytes this run allocated (its pool is alive here), from torch's host allocator
+           "host_stats": _host_allocated() - host_before if host_before is not None else None}
     if saved is not None:
         out.update(pinned=saved.pool.pinned_bytes, requested=saved.pool.peak_requested, stream=saved.copier.stream_kind)
     del model, opt
     return out
+
+
+def _host_allocated() -> int | None:
+    """torch.cuda.host_memory_stats()'s allocated pinned bytes now (None where it is missing).
+    After a synchronise, a 1-byte pinned allocation makes the host allocator process its pending
+    frees (blocks whose copies' events have completed), so that earlier runs' pools are not counted."""
+    if not hasattr(torch.cuda, "host_memory_stats"):
+        return None
+    sync()
+    del_me = torch.empty(1, dtype=torch.uint8, pin_memory=True)
+    del del_me
+    return torch.cuda.host_memory_stats().get("allocated_bytes.current", 0)
 
 
 def exposed_copy_time(trace: dict) -> dict[str, tuple[float, float]]:
@@ -323,13 +347,15 @@ def offload_checks(smoke: bool, emit) -> None:
     emit("| mode | variant | grads == none (3 steps) | step-2 sync-free | retries, all-stream syncs per step | "
          "max allocated GiB | plan peak GiB | pinned GiB | plan host GiB (in chunks) | stream |")
     emit("|---|---|---|---|---|---|---|---|---|---|")
-    failures = []
+    failures, pinned_rows, trace_lines = [], [], []  # the last two: tables emitted after this one
     with tempfile.TemporaryDirectory() as tmp:
         trace_path = str(Path(tmp) / "offload_trace.json")
         for mode, (extra, mix) in OFFLOAD_MODES.items():
             cfg = offload_config(smoke, extra)
             plan = offload_plan(cfg, mix)
-            est = P.estimate(resolve(cfg, 1, device.type), plan)
+            job = resolve(cfg, 1, device.type)
+            est = P.estimate(job, plan)
+            offloaded = offload_reservation(job, plan)[0]  # the plan's host bytes of one micro-batch
             for variant in ("plain", "sleep", "sleep+garbage") if cuda else ("plain", "garbage"):
                 traced = variant == "plain" and mode == "full+offload" and cuda
                 try:
@@ -347,15 +373,32 @@ def offload_checks(smoke: bool, emit) -> None:
                      f"{r['counters']}{'' if steady else ' **changed**'} | {r['peak'] / GiB:.2f} | {est.peak / GiB:.2f} | "
                      f"{r['pinned'] / GiB:.3f} | {est.host / GiB:.3f} ({_in_chunks(est.host) / GiB:.0f}) | "
                      f"{r['stream']} |")
-                if traced:
-                    emit("")
-                    _emit_trace(json.loads(Path(trace_path).read_text()), emit)
-                    emit("")
-    if cuda and hasattr(torch.cuda, "host_memory_stats"):
-        host = torch.cuda.host_memory_stats()
-        emit(f"\ntorch.cuda.host_memory_stats(): allocated {host.get('allocated_bytes.current', 0) / GiB:.3f} GiB now, "
-             f"reserved {host.get('reserved_bytes.current', 0) / GiB:.3f} GiB, peak allocated "
-             f"{host.get('allocated_bytes.peak', 0) / GiB:.3f} GiB (the pools of the runs above; compare: pinned GiB)")
+                pinned_rows.append(_pinned_row(mode, variant, r, est.host_pinned, offloaded, failures))
+                if mode == "full+offload" and variant == "plain":
+                    planned = copy_exposure(job, P.rank_params(job), plan)
+                    micro = cfg.train.global_batch_size // cfg.train.micro_batch_size
+                    _emit_trace(json.loads(Path(trace_path).read_text()) if traced else None, planned, micro,
+                                cfg.train.dtype, trace_lines.append)
+                    if not cuda:  # the measured columns' code, on the synthetic trace (output discarded)
+                        scratch = []
+                        _emit_trace(_smoke_trace(), planned, micro, cfg.train.dtype, scratch.append)
+                        plan_ms = micro * planned["layer 0"][1] * 1e3
+                        assert f"| offload d2h layer 0 | {micro * planned['layer 0'][0] * 1e3:.4g} | {plan_ms:.4g} | " \
+                               f"0.01 | 0.005 | {0.005 / plan_ms:.3f} |" in scratch, scratch
+    if trace_lines:
+        emit("\n### Exposed copy time per span: planner against profiler\n")
+        for line in trace_lines:
+            emit(line)
+    emit(f"\n### Pinned host bytes against the plan (a mismatch: |measured / plan - 1| > {PINNED_TOLERANCE:.0%})\n")
+    emit("pool pinned: the host pool's own counter (HostPool.pinned_bytes); host_memory_stats: the pinned bytes "
+         "torch's host allocator holds for the run, " + ("allocated_bytes.current with its pool alive less before it"
+                                                         if cuda else "skipped on the CPU (no pinned memory)") +
+         "; pool requested: the most bytes handed out in one micro-batch, against the plan's offloaded bytes\n")
+    emit("| mode | variant | plan host_pinned_bytes GiB | pool pinned GiB | pinned / plan | host_memory_stats GiB | "
+         "host_memory_stats / plan | plan offloaded MiB | pool requested MiB | requested / plan |")
+    emit("|---|---|---|---|---|---|---|---|---|---|")
+    for row in pinned_rows:
+        emit(row)
     emit("\n" + ("every check passed" if not failures else "FAILED:\n" + "\n".join(f"- {f}" for f in failures)))
 
 
@@ -364,16 +407,63 @@ def _in_chunks(nbytes: int) -> int:
     return -(-nbytes // CHUNK_BYTES) * CHUNK_BYTES
 
 
-def _emit_trace(trace: dict, emit) -> None:
-    """Step 3 of full+offload under the profiler: copy time and exposed copy time per span."""
-    per = exposed_copy_time(trace)
-    emit("step 3 of full+offload, profiler: copy ms and exposed ms (no kernel running) per span\n")
-    emit("| range | copy ms | exposed ms |")
-    emit("|---|---|---|")
-    for name in sorted(per):
-        emit(f"| {name} | {per[name][0]:.3f} | {per[name][1]:.3f} |")
-    total = [sum(v[i] for v in per.values()) for i in (0, 1)]
-    emit(f"| total | {total[0]:.3f} | {total[1]:.3f} |")
+def _ratio(measured, plan) -> str:
+    if measured is None:
+        return "n/a"
+    if plan == 0:
+        return "n/a (both 0)" if measured == 0 else "n/a (plan 0)"
+    return f"{measured / plan:.3f}"
+
+
+def _pinned_row(mode: str, variant: str, r: dict, plan_pinned: int, plan_offloaded: int, failures: list) -> str:
+    """A row of the pinned-bytes table; a mismatch beyond PINNED_TOLERANCE is a failure."""
+    flags = {}
+    for what, measured, plan in (("pool pinned", r["pinned"], plan_pinned),
+                                 ("host_memory_stats", r["host_stats"], plan_pinned),
+                                 ("pool requested", r["requested"], plan_offloaded)):
+        ok = measured is None or (measured == plan if plan == 0 else abs(measured / plan - 1) <= PINNED_TOLERANCE)
+        flags[what] = "" if ok else " **mismatch**"
+        if not ok:
+            failures.append(f"{mode} {variant}: {what} {measured} B against the plan's {plan} B")
+    hs = "skipped (CPU)" if r["host_stats"] is None else f"{r['host_stats'] / GiB:.3f}"
+    return (f"| {mode} | {variant} | {plan_pinned / GiB:.3f} | {r['pinned'] / GiB:.3f} | "
+            f"{_ratio(r['pinned'], plan_pinned)}{flags['pool pinned']} | {hs} | "
+            f"{_ratio(r['host_stats'], plan_pinned)}{flags['host_memory_stats']} | {plan_offloaded / 2**20:.4f} | "
+            f"{r['requested'] / 2**20:.4f} | {_ratio(r['requested'], plan_offloaded)}{flags['pool requested']} |")
+
+
+def _emit_trace(trace: dict | None, plan: dict[str, tuple[float, float, float]], micro: int, dtype: str,
+                emit) -> None:
+    """Step 3 of full+offload: per span and direction, the planner's copy and exposed copy time
+    next to the profiler's (copy time with no kernel running); `trace` None: not measured (CPU)."""
+    per = exposed_copy_time(trace) if trace is not None else None
+    emit(f"step 3 of full+offload ({micro} micro-batches): copy ms and exposed ms (no kernel running) per span, "
+         "planner (bigtrain.planner.cost's offload model at the config's hardware section, per micro-batch "
+         f"times {micro}) against the profiler trace" + ("" if per is not None else ": not measured on CPU") + "\n")
+    if per is not None and dtype != "bf16":
+        emit(f"(the plan assumes hardware.peak_tflops x mfu, a bf16 rate; this run is {dtype}, so its compute is "
+             "slower and hides more of the copies than planned)\n")
+    emit("| range | plan copy ms | plan exposed ms | measured copy ms | measured exposed ms | "
+         "measured / plan exposed |")
+    emit("|---|---|---|---|---|---|")
+    rows = [(f"offload {d} {label}", micro * c, micro * (e2h if d == "d2h" else h2d))
+            for label, (c, e2h, h2d) in plan.items() for d in ("d2h", "h2d")]
+    names = {name for name, _, _ in rows}
+    rows += [(name, 0.0, 0.0) for name in sorted(per or {}) if name not in names]  # e.g. "offload (unattributed)"
+    for name, copy, exposed in rows:
+        if per is None:
+            measured = "not measured on CPU | not measured on CPU | n/a"
+        else:
+            c, e = per.get(name, (0.0, 0.0))
+            measured = f"{c:.4g} | {e:.4g} | {_ratio(e, exposed * 1e3)}"
+        emit(f"| {name} | {copy * 1e3:.4g} | {exposed * 1e3:.4g} | {measured} |")
+    plan_total = [sum(r[i] for r in rows) * 1e3 for i in (1, 2)]
+    if per is None:
+        measured = "not measured on CPU | not measured on CPU | n/a"
+    else:
+        total = [sum(v[i] for v in per.values()) for i in (0, 1)]
+        measured = f"{total[0]:.4g} | {total[1]:.4g} | {_ratio(total[1], plan_total[1])}"
+    emit(f"| total | {plan_total[0]:.4g} | {plan_total[1]:.4g} | {measured} |")
 
 
 def main() -> None:

@@ -60,6 +60,7 @@ import torch
 from bigtrain import checkpoint as ckpt
 from bigtrain.config import Config, ModelConfig, dump_yaml, from_dict, to_dict
 from bigtrain.errors import UserError, check_writable_dir
+from bigtrain.safe_load import load_tensors
 
 INSTALL = "pip install 'bigtrain[hf]'"
 
@@ -408,7 +409,7 @@ def read_hf_state(model_dir: Path) -> dict:
             if name.endswith(".safetensors"):
                 part = _safetensors().load_file(str(f))
             else:
-                part = torch.load(f, map_location="cpu", weights_only=True)
+                part = load_tensors(f)  # weights_only=True; refused or corrupt: a one-line UserError naming it
         except UserError:
             raise
         except Exception as e:  # noqa: BLE001 - truncated file, header error, unsafe pickle...

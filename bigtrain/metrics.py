@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from bigtrain.config import Config
+from bigtrain.errors import UserError
 
 # Dense bf16 peak of one device, by a substring of torch.cuda.get_device_name().
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0,
@@ -150,12 +151,29 @@ def _init_wandb(cfg: Config, out_dir: Path):
         return None
 
 
+_MAX_RUN_ID = 128
+
+
 def _run_id(out_dir: Path) -> str:
-    """A stable wandb run id per run directory, so a resumed job continues the same wandb run."""
+    """A stable wandb run id per run directory, so a resumed job continues the same wandb run.
+    The file is checked, not trusted: anything but a regular file holding one line of at most
+    _MAX_RUN_ID printable characters is a one-line UserError naming it (which _init_wandb turns
+    into its warning); at most that many bytes are read (not a symlink to /dev/zero's endless ones)."""
     f = out_dir / "wandb_id"
-    if not f.exists():
+    if not f.exists() and not f.is_symlink():  # (a dangling symlink would be written through)
         f.write_text(f"{out_dir.name}-{int(time.time())}")
-    return f.read_text().strip()
+    if not f.is_file():
+        raise UserError(f"{str(f)!r} is not a regular file; delete it to start a new wandb run")
+    with open(f, "rb") as fh:
+        raw = fh.read(_MAX_RUN_ID + 2)  # the id and a line end
+    try:
+        text = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        text = ""
+    if not text or len(text) > _MAX_RUN_ID or not text.isprintable():
+        raise UserError(f"{str(f)!r} does not hold a wandb run id (one line of at most {_MAX_RUN_ID} printable "
+                        f"characters); delete it to start a new wandb run")
+    return text
 
 
 def _flat(cfg: Config) -> dict:

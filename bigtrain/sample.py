@@ -69,6 +69,9 @@ def sample(run: str, prompt: str, max_new_tokens: int = 200, temperature: float 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, cfg = load_for_inference(run, step, device)
     tok = Tokenizer(Path(cfg.data.path) / "tokenizer.model")
+    if tok.vocab_size > cfg.model.vocab_size:  # its ids would index past the embedding: a traceback
+        raise UserError(f"tokenizer {str(tok.path)!r} has {tok.vocab_size} pieces but the model's vocabulary has "
+                        f"{cfg.model.vocab_size} (model.vocab_size): it is not this model's tokenizer")
     ids = tok.encode(prompt)
     if not ids:
         ids = [tok.bos_id]

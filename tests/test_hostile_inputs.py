@@ -503,6 +503,68 @@ def test_failed_export_removes_only_its_own_temp_dir(tmp_path, monkeypatch):
     assert (tmp_path / ".hf.tmp" / "precious.txt").read_text() == "mine"
 
 
+def test_imported_tokenizer_that_does_not_fit_the_model_is_refused_by_sample(tiny_data, tmp_path, capsys):
+    """A Hugging Face directory whose tokenizer.model is not its model's (400 pieces, the model
+    has 101 embedding rows): import-hf copies it into the run, and `sample` refuses it in one
+    line (the prompt's ids would index past the embedding: an IndexError traceback before)."""
+    d = _hf_dir(tmp_path)
+    shutil.copyfile(tiny_data / "tokenizer.model", d / "tokenizer.model")
+    run = tmp_path / "run"
+    assert main(["import-hf", "--model", str(d), "--out", str(run)]) == 0
+    assert (run / "tokenizer.model").is_file()
+    one_line(capsys, ["sample", "--run", str(run), "--prompt", "the quick brown fox jumps", "--max-new-tokens", "2"],
+             "tokenizer.model", "400 pieces", "vocabulary has 101")
+
+
+def _wandb_id(path: Path, how: str) -> None:
+    """Make run directory `path`'s wandb_id file lie in one way."""
+    f = path / "wandb_id"
+    if how == "binary":
+        f.write_bytes(bytes(range(256)))
+    elif how == "empty":
+        f.write_text("  \n")
+    elif how == "two lines":
+        f.write_text("run-1\nrun-2\n")
+    elif how == "too long":
+        f.write_text("x" * 100_000)
+    elif how == "a directory":
+        f.mkdir()
+    elif how == "endless (/dev/zero)":
+        f.symlink_to("/dev/zero")
+    elif how == "a FIFO":
+        os.mkfifo(f)
+    elif how == "dangling symlink":
+        f.symlink_to(path / "elsewhere")
+    else:
+        raise AssertionError(how)
+
+
+@pytest.mark.parametrize("how", ["binary", "empty", "two lines", "too long", "a directory", "endless (/dev/zero)",
+                                 "a FIFO", "dangling symlink"])
+def test_wandb_id_that_lies_is_refused_in_one_line(how, tmp_path):
+    """The run directory's wandb_id (the wandb run a resume continues) is checked before wandb
+    gets it: anything but one short line in a regular file is a one-line error naming it, read
+    without hanging (a FIFO) or reading forever (/dev/zero), and nothing is written through a
+    symlink. (_init_wandb turns the error into its warning: wandb is optional, training goes on.)"""
+    from bigtrain.metrics import _run_id
+
+    _wandb_id(tmp_path, how)
+    with pytest.raises(UserError) as e:
+        _run_id(tmp_path)
+    assert "wandb_id" in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_wandb_id_is_made_once_and_read_back(tmp_path):
+    from bigtrain.metrics import _run_id
+
+    (tmp_path / "my run").mkdir()
+    first = _run_id(tmp_path / "my run")
+    assert first.startswith("my run-") and _run_id(tmp_path / "my run") == first
+    (tmp_path / "my run" / "wandb_id").write_text("abc-123\n")
+    assert _run_id(tmp_path / "my run") == "abc-123"
+
+
 # --------------------------------------------------------------------------------------------
 # Item 6: one line, once, exit 2 under launch/train.sh (torchrun, 2 CPU processes)
 

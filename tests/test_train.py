@@ -184,6 +184,60 @@ def test_no_validation_split_trains_and_saves(tmp_path, capsys):
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "run")] == ["step_00000003"]
 
 
+def test_validation_split_shorter_than_one_batch_trains_and_saves(tiny_data, tmp_path, capsys, monkeypatch):
+    """A validation split that is not empty but one token short of one micro-batch (TINY:
+    micro_batch 4 windows of seq_len 32, which share boundary tokens: 4*32 + 1 = 129 tokens;
+    here 128, fewer than micro_batch*(seq_len+1)): the run says at start-up, before its first
+    step, that it has no validation loss, then trains every step, saves its final checkpoint
+    and exits 0; resuming it does the same. One more token and it is evaluated."""
+    import shutil
+
+    import numpy as np
+
+    need = 4 * 32 + 1
+    data = tmp_path / "shortval"
+    shutil.copytree(tiny_data, data)
+    meta = json.loads((data / "meta.json").read_text())
+    val = np.fromfile(data / "val.bin", dtype=np.uint16)
+    assert len(val) > need
+    val[: need - 1].tofile(data / "val.bin")
+    (data / "meta.json").write_text(json.dumps({**meta, "val_tokens": need - 1}))
+    out = tmp_path / "run"
+
+    def train(*extra):
+        return run_cli("train", "--config", "configs/debug.yaml",
+                       *overrides(data, out, "train.eval_every=1", "train.save_every=0", *extra), check=True)
+
+    r = train("train.steps=3")
+    warning = ("warning: no validation loss in this run: val split has 128 tokens = 3 windows of seq_len=32; "
+               "need at least 4")
+    assert r.stdout.count(warning) == 1, r.stdout[-2000:]
+    assert sorted(losses(out)) == [1, 2, 3]
+    assert not any("val_loss" in json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines())
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["step_00000003"]
+    r = train("train.steps=4", "train.resume=auto")
+    assert warning in r.stdout and sorted(losses(out)) == [1, 2, 3, 4]
+    assert [p.name for p in ckpt.list_checkpoints(out)][-1] == "step_00000004"
+    # said at start-up: already printed when the first step begins
+    seen = []
+    real_step = Trainer.train_step
+
+    def first_step(self):
+        if not seen:
+            seen.append(capsys.readouterr().out)
+        return real_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", first_step)
+    Trainer(load_config("configs/debug.yaml", overrides(data, tmp_path / "again", "train.steps=1"))).train()
+    assert warning in seen[0]
+    # the boundary: with one token more the split holds one batch and is evaluated
+    val[:need].tofile(data / "val.bin")
+    (data / "meta.json").write_text(json.dumps({**meta, "val_tokens": need}))
+    cfg = load_config("configs/debug.yaml", overrides(data, tmp_path / "evaluated", "train.steps=1"))
+    records = Trainer(cfg).train()
+    assert "val_loss" in records[-1]
+
+
 def test_final_checkpoint_is_saved_before_the_final_evaluation(tiny_data, tmp_path, monkeypatch):
     """Whatever fails in the last evaluation, the last step's checkpoint is already on disk."""
     def broken(self):

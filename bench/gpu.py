@@ -127,6 +127,8 @@ OFFLOAD_MODES = {  # name -> (recompute overrides, the first k blocks full+offlo
                                       None),
     "selective(norm,mlp_act)+offload": (["recompute.granularity=selective", "recompute.modules=norm,mlp_act",
                                          "recompute.offload=true"], None),
+    "selective(pointwise)+offload": (["recompute.granularity=selective", "recompute.modules=pointwise",
+                                      "recompute.offload=true"], None),
     "offload_min_size=1MiB": (["recompute.offload=true", "recompute.offload_min_size=1MiB"], None),
     # offloaded spans below non-offloaded ones: the prefetch chain must cross them
     "full+offload x half + selective(norm,mlp_act)": ([], ("selective(norm,mlp_act)", 2)),

@@ -93,7 +93,7 @@ def resolve(cfg: Config, world: int, device: str, meta: dict | None = None) -> J
     check_model(cfg.model, tp)
     t = cfg.train
     per_step = t.micro_batch_size * dp
-    if (t.global_batch_size // t.micro_batch_size) % dp:  # (config checked the micro-batch divides it)
+    if t.global_batch_size % per_step:
         raise UserError(f"train.global_batch_size({t.global_batch_size}) is not a multiple of "
                         f"train.micro_batch_size({t.micro_batch_size}) * dp({dp}) = {per_step}")
     bf16 = t.dtype == "bf16" or (t.dtype == "auto" and device == "cuda")

@@ -161,7 +161,7 @@ def _run_id(out_dir: Path) -> str:
     into its warning); at most that many bytes are read (not a symlink to /dev/zero's endless ones)."""
     f = out_dir / "wandb_id"
     if not f.exists() and not f.is_symlink():  # (a dangling symlink would be written through)
-        f.write_text(f"{out_dir.name}-{int(time.time())}")
+        f.write_text(f"{out_dir.name[:_MAX_RUN_ID - 12]}-{int(time.time())}")  # (within the limit below)
     if not f.is_file():
         raise UserError(f"{str(f)!r} is not a regular file; delete it to start a new wandb run")
     with open(f, "rb") as fh:

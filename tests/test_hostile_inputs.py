@@ -563,6 +563,10 @@ def test_wandb_id_is_made_once_and_read_back(tmp_path):
     assert first.startswith("my run-") and _run_id(tmp_path / "my run") == first
     (tmp_path / "my run" / "wandb_id").write_text("abc-123\n")
     assert _run_id(tmp_path / "my run") == "abc-123"
+    long = tmp_path / ("r" * 200)  # a long run directory name still gives an id the check accepts
+    long.mkdir()
+    made = _run_id(long)
+    assert made.startswith("r" * 100) and len(made) <= 128 and _run_id(long) == made
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,9 +11,10 @@ the model. Parameter names never change, so checkpoints move freely between poli
                            blocks; method block: only the first num_layers blocks, one each.
     granularity selective  inside every block the modules named in `modules` run under
                            checkpoint(); everything else keeps its saved tensors (offload: on
-                           the host). modules pointwise: each block (but its last residual
-                           add) runs under checkpoint(), keeping its input and the matmul and
-                           attention outputs; every elementwise op is recomputed (pointwise.py);
+                           the host). modules pointwise: each block's two halves (attention,
+                           MLP; not its last residual add) run under checkpoint(), keeping the
+                           block's input and the matmul and attention outputs; every
+                           elementwise op is recomputed, one half at a time (pointwise.py);
                            with core_attn / mlp, those modules' matmuls run again too.
     granularity auto       a policy per block, chosen by bigtrain.planner from memory_budget.
 

@@ -237,3 +237,15 @@ def _tp2_debug_activations(rank, world, extra):
 def test_predicted_activations_at_tp2_equal_the_accountant(extra):
     pred_dev, pred_host, dev, host = run_ranks(_tp2_debug_activations, 2, extra)[0]
     assert (pred_dev, pred_host) == (dev, host)
+
+
+def test_suggestions_never_offer_a_micro_batch_that_does_not_divide_the_global_batch():
+    # 45 sequences in micro-batches of 15: halving gives 7, which 45 is not a multiple of. The
+    # trial config skips the config's own check, so the job's must refuse it.
+    from bigtrain.config import load_config
+    from bigtrain.job import resolve
+    from bigtrain.planner.search import suggestions
+
+    cfg = load_config("configs/llama-125m.yaml", ["train.micro_batch_size=15", "train.global_batch_size=45"])
+    got = suggestions(resolve(cfg, 1, "cuda"), 10 * 2**30)
+    assert not any("micro_batch_size=7" in s for s in got), got

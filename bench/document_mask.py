@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bigtrain.config import load_config  # noqa: E402
+from timing import interleaved_step_times, load_line  # noqa: E402  (bench/ is on sys.path: the script's folder)
 
 
 def trainer(data: str, seq: int, mask: bool, extra: list[str]):
@@ -45,17 +44,9 @@ def main() -> None:
     from bigtrain.planner import estimate
     from bigtrain.recompute.policy import spans_of
 
-    print(f"load: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
+    print(load_line())
     runs = {m: trainer(a.data, a.seq, m, a.overrides) for m in (False, True)}
-    times = {m: [] for m in runs}
-    for t in runs.values():
-        t.train_step()  # warm-up
-    for _ in range(a.rounds):
-        for m, t in runs.items():
-            t0 = time.perf_counter()
-            for _ in range(a.steps):
-                t.train_step()
-            times[m].append((time.perf_counter() - t0) / a.steps)
+    times = interleaved_step_times(runs, a.rounds, a.steps)
     cfg = runs[False].cfg
     print(f"\nconfigs/debug.yaml {' '.join(a.overrides)}, seq {a.seq}, micro-batch {cfg.train.micro_batch_size}, "
           f"global {cfg.train.global_batch_size}, median of {a.rounds} rounds of {a.steps} steps")
@@ -67,7 +58,7 @@ def main() -> None:
         med = statistics.median(times[m])
         print(f"| {str(m).lower()} | {med:.3f} [{', '.join(f'{x:.3f}' for x in times[m])}] | {med / base:.3f} | "
               f"{est.peak / 2**20:.1f} |")
-    print(f"load: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
+    print(load_line())
 
 
 if __name__ == "__main__":

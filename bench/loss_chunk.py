@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bigtrain.config import load_config  # noqa: E402
+from timing import interleaved_step_times, load_line  # noqa: E402  (bench/ is on sys.path: the script's folder)
 
 BODY = ["model.dim=512", "model.n_layers=4", "model.n_heads=8", "model.n_kv_heads=8", "train.seq_len=512",
         "train.micro_batch_size=4", "train.global_batch_size=4"]
@@ -46,20 +45,14 @@ def main() -> None:
     from bigtrain.trainer import Trainer
 
     chunks = [int(c) for c in a.chunks.split(",")]
-    print(f"load: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
+    print(load_line())
     rows = {}
     for c in chunks:
         cfg = config(a.data, c, a.overrides)
-        rows[c] = {"planned": planned(cfg).peak, "measured": measured_peak(cfg, steps=2)["Total"], "times": []}
+        rows[c] = {"planned": planned(cfg).peak, "measured": measured_peak(cfg, steps=2)["Total"]}
     trainers = {c: Trainer(config(a.data, c, a.overrides)) for c in chunks}
-    for t in trainers.values():
-        t.train_step()  # warm-up
-    for _ in range(a.rounds):
-        for c, t in trainers.items():
-            t0 = time.perf_counter()
-            for _ in range(a.steps):
-                t.train_step()
-            rows[c]["times"].append((time.perf_counter() - t0) / a.steps)
+    for c, times in interleaved_step_times(trainers, a.rounds, a.steps).items():
+        rows[c]["times"] = times
     cfg = trainers[chunks[0]].cfg
     print(f"\nconfigs/llama-125m.yaml + {' '.join(BODY + a.overrides)} (vocab {cfg.model.vocab_size}), fp32 CPU")
     print("| train.loss_chunk | measured peak MiB | planned MiB | error | vs whole | s per step | vs whole |")
@@ -70,7 +63,7 @@ def main() -> None:
         print(f"| {c or 'whole'} | {r['measured'] / 2**20:.1f} | {r['planned'] / 2**20:.1f} | "
               f"{100 * (r['planned'] / r['measured'] - 1):+.2f}% | {r['measured'] / base['measured']:.3f} | "
               f"{med:.3f} [{', '.join(f'{x:.2f}' for x in r['times'])}] | {med / bmed:.3f} |")
-    print(f"load: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
+    print(load_line())
 
 
 if __name__ == "__main__":

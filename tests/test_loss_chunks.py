@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from bigtrain.config import ConfigError, ModelConfig, load_config
 from bigtrain.model import build_model, init_weights
@@ -78,3 +79,53 @@ def test_loss_chunk_under_sequence_parallelism_is_a_multiple_of_tp():
         load_config("configs/debug.yaml", ["parallel.tp=2", "parallel.sequence_parallel=true", "train.loss_chunk=5"])
     with pytest.raises(ConfigError, match="train.loss_chunk=-1 must be >= 0"):
         load_config("configs/debug.yaml", ["train.loss_chunk=-1"])
+
+
+@pytest.mark.parametrize("vocab_size", [None, 250])  # 250 of 256 columns: the padding ones carry no mass
+@pytest.mark.parametrize("in_place", [False, True])
+def test_vocab_parallel_loss_at_one_rank_equals_torchs(in_place, vocab_size):
+    """The chunks' loss (the vocab-parallel function with a one-rank group, softmax in the
+    logits' own buffer) against F.cross_entropy: per-token losses and logits gradients to fp32
+    rounding; in place, the logits' buffer then holds the softmax."""
+    from bigtrain.parallel.loss import _VocabParallelCrossEntropy
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(3, 7, 256, generator=g) * 4
+    targets = torch.randint(0, vocab_size or 256, (3, 7), generator=g)
+    grad = torch.randn(3, 7, generator=g)
+    ref_in = base.clone().requires_grad_()
+    kept = ref_in[..., :vocab_size] if vocab_size else ref_in
+    ref = F.cross_entropy(kept.flatten(0, 1), targets.flatten(), reduction="none").view(3, 7)
+    ref.backward(grad)
+
+    leaf = base.clone().requires_grad_()
+    logits = leaf * 1.0  # a non-leaf, as a matmul's output is
+    losses, probs = _VocabParallelCrossEntropy.apply(logits, targets, None, vocab_size, in_place)
+    losses.backward(grad)
+    torch.testing.assert_close(losses, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(leaf.grad, ref_in.grad, rtol=1e-5, atol=1e-7)
+    if in_place:
+        assert probs is logits and logits.data_ptr() == probs.data_ptr()
+    else:
+        assert probs is None and torch.equal(logits.detach(), base)  # the caller's logits untouched
+
+
+def test_a_chunk_holds_one_logits_buffer():
+    """train.loss_chunk's point: one chunk's forward holds its fp32 logits once (the softmax is
+    made in them), not the logits and a log-softmax beside them."""
+    from bigtrain.parallel.loss import _chunk_loss_sum
+    from bigtrain.planner.profile import LiveBytes
+
+    h, v, b, c = 32, 1024, 2, 64
+    output = torch.nn.Linear(h, v, bias=False)
+    hidden = torch.randn(b, c, h, requires_grad=True)
+    targets = torch.randint(0, v, (b, c))
+    live = LiveBytes()
+    live.add(output.weight)  # (the matmul's weight.t() is a view of it: not a new storage)
+    with live:
+        start = live.restart_peak()
+        loss = _chunk_loss_sum(hidden, output, targets, None, v)
+    logits_bytes = 4 * b * c * v
+    assert logits_bytes <= live.peak - start <= logits_bytes + 64 * 1024, live.peak - start
+    loss.backward()
+    assert hidden.grad is not None and output.weight.grad is not None

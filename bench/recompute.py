@@ -539,15 +539,23 @@ class Bench:
     def formula(self, r: RecomputeConfig) -> list[tuple[str, int, int]]:
         return block_formula(self.shape(), r)
 
-    def outside_formula(self) -> int | None:
-        """The formula's bytes kept outside the blocks by the forward (the loss excluded: the
-        accountant here wraps the model's forward only), when this bigtrain version has it."""
+    def outside_formula(self, r: RecomputeConfig | None) -> int | None:
+        """The formula's bytes kept outside the blocks by the forward under bigtrain policy r
+        (None: a peer's, around a plain model), the loss excluded (the accountant here wraps the
+        model's forward only), when this bigtrain version has it."""
         try:
             from bigtrain.planner.formula import outside_tensors
             from bigtrain.parallel.dims import padded_vocab
         except ImportError:
             return None
-        items = outside_tensors(self.shape(), padded_vocab(self.cfg.vocab_size, self.dims.tp))
+        vocab = padded_vocab(self.cfg.vocab_size, self.dims.tp)
+        try:  # the final norm runs again after a pointwise last span
+            from bigtrain.recompute.policy import final_norm_recomputed, spans_of
+
+            recomputed = r is not None and final_norm_recomputed(spans_of(r, self.cfg.n_layers))
+            items = outside_tensors(self.shape(), vocab, recomputed)
+        except ImportError:
+            items = outside_tensors(self.shape(), vocab)
         return sum(n for name, n in items.items() if not name.startswith("loss."))
 
 
@@ -713,7 +721,7 @@ def tp2_worker(rank: int, world: int, spec: dict) -> dict:
     for mode in modes:
         r = res[mode.name]
         r["formula"] = bench.formula(mode.rc or mode.formula_rc)
-        r["outside_formula"] = bench.outside_formula()
+        r["outside_formula"] = bench.outside_formula(mode.rc)
     return {"res": res, "modes": [m.name for m in modes], "ds_note": ds_note, "timing": timing,
             "foreign": {m.name: m.foreign for m in modes}} if rank == 0 else {}
 
@@ -1074,7 +1082,7 @@ def main() -> None:
         res, timing = run_modes(bench, modes, a.steps, deadline=deadline)
         for mode in modes:
             res[mode.name]["formula"] = bench.formula(mode.rc or mode.formula_rc)
-            res[mode.name]["outside_formula"] = bench.outside_formula()
+            res[mode.name]["outside_formula"] = bench.outside_formula(mode.rc)
         log("  FLOPs (fake tensors)")
         flops = {m.name: count_flops(cfg, dims, m, batch, seq) for m in modes}
         s1 = {"res": res, "names": [m.name for m in modes], "n_layers": cfg.n_layers, "flops": flops,

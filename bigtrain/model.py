@@ -288,16 +288,57 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(cfg.hidden, cfg.dim, bias=False)  # down
         self.act = SwiGLU()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, inputs_only: bool = False):
+        """x (b, s, h) -> (b, s, h). inputs_only: (gate, up), (b, s, ffn) each, and not the
+        product and down-projection (`down`): op-level recompute runs the two stages as two
+        regions (bigtrain.recompute.policy), so that x is gone before the product is made."""
         x = cast_once(x)
+        if inputs_only:
+            return self.w1(x), self.w3(x)
+        # one expression: gate and up are not held past the product when nothing saves them
+        # (recompute: mlp, full)
         return self.w2(self.act(self.w1(x), self.w3(x)))  # (b, s, h)
+
+    def down(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """The second stage after inputs_only (whose caller keeps gate and up anyway)."""
+        return self.w2(self.act(gate, up))  # (b, s, h)
 
 
 class SwiGLU(nn.Module):
-    """silu(gate) * up; a module so recompute can name it (recompute.modules: mlp_act)."""
+    """silu(gate) * up; a module so recompute can name it (recompute.modules: mlp_act).
+
+    `lean` (set by op-level recompute, recompute.modules pointwise, whose matmul outputs gate
+    and up are kept anyway): keep only gate and up for backward and recompute silu(gate)
+    there, and make the product in silu(gate)'s own buffer, so one (b, s, ffn) tensor exists
+    at a time instead of two, in the forward and in the replay. The same values and gradients,
+    bitwise (the same ops as autograd's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lean = False
 
     def forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        if self.lean and torch.is_grad_enabled() and gate.dtype == up.dtype and gate.shape == up.shape:
+            return _LeanSwiGLU.apply(gate, up)
         return F.silu(gate) * up  # (b, s, ffn)
+
+
+class _LeanSwiGLU(torch.autograd.Function):
+    """silu(gate) * up saving only its inputs (see SwiGLU.lean). gate, up: (b, s, ffn), one dtype."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate).mul_(up)  # (b, s, ffn): the product written over silu(gate)
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        # autograd's backward of F.silu(gate) * up: mul's (grad * up, grad * silu(gate)), then
+        # silu's; one silu(gate)-sized temporary at a time
+        grad_gate = torch.ops.aten.silu_backward(grad * up, gate)
+        grad_up = F.silu(gate).mul_(grad)
+        return grad_gate, grad_up
 
 
 class Block(nn.Module):
@@ -323,6 +364,12 @@ class Block(nn.Module):
         """(x after the attention's residual add, the MLP's output), both (b, s, h)."""
         x = x + self.dropout(attn_out)
         return x, self.feed_forward(self.ffn_norm(x))
+
+    def mlp_inputs(self, x: torch.Tensor, attn_out: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """mlp_half's first stage: (x after the attention's residual add (b, s, h), gate, up
+        (b, s, ffn) each); the second is feed_forward.down(gate, up)."""
+        x = x + self.dropout(attn_out)
+        return x, *self.feed_forward(self.ffn_norm(x), inputs_only=True)
 
 
 class Transformer(nn.Module):

@@ -137,6 +137,11 @@ DEEPSPEED = {
     # buckets of 4096 elements: the tiny model's gradients take many reductions and all-gathers
     "zero2_dp2_small_buckets": (2, ["parallel.dp=2", "parallel.engine=deepspeed", "parallel.zero_stage=2",
                                     "parallel.zero_bucket_size=4096"]),
+    # ZeRO-3's hooks around the output layer (its logits come out of DeepSpeed's own autograd
+    # function) with the chunks' in-place softmax, and the recomputed final norm of pointwise
+    "zero3_dp2_loss_chunks_pointwise": (2, ["parallel.dp=2", "parallel.engine=deepspeed", "parallel.zero_stage=3",
+                                            "train.loss_chunk=12", "recompute.granularity=selective",
+                                            "recompute.modules=pointwise"]),
 }
 
 

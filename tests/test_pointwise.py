@@ -138,3 +138,65 @@ def test_second_backward_through_the_same_pointwise_graph():
     (first,) = torch.autograd.grad(y, x, retain_graph=True)
     (second,) = torch.autograd.grad(y, x)
     assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lean_swiglu_is_autograds_product_bitwise_and_saves_only_its_inputs(dtype):
+    """SwiGLU.lean (pointwise's): the same product and gradients as F.silu(gate) * up, bitwise,
+    saving gate and up only (silu(gate) is made again in backward)."""
+    from bigtrain.model import SwiGLU
+
+    g = torch.Generator().manual_seed(0)
+    gate, up, grad = (torch.randn(2, 16, 48, generator=g).to(dtype) for _ in range(3))
+    results = []
+    for lean in (False, True):
+        act = SwiGLU()
+        act.lean = lean
+        a, b = gate.clone().requires_grad_(), up.clone().requires_grad_()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = act(a * 1, b * 1)  # non-leaf inputs, as the matmuls' outputs are
+        out.backward(grad)
+        results.append((out.detach(), a.grad, b.grad, saved))
+    (ref, ref_ga, ref_gu, _), (out, ga, gu, saved) = results
+    assert torch.equal(out, ref) and torch.equal(ga, ref_ga) and torch.equal(gu, ref_gu)
+    assert len(saved) == 2 and all(t.shape == gate.shape for t in saved)
+
+
+def test_pointwise_forward_holds_one_mlp_tensor_beyond_what_it_keeps():
+    """The blocks' forward under pointwise: at its peak (the last block's down-projection) it
+    holds, beyond what the blocks keep and return, the product (b, s, ffn) and the
+    down-projection's output (b, s, h) -- not silu(gate) beside the product, nor the MLP's
+    input (the MLP half runs as two regions, SwiGLU.lean makes the product in place)."""
+    from bigtrain.planner.profile import LiveBytes
+    from tests.test_recompute import model_cfg as cfg_of
+
+    cfg = cfg_of(dropout=0.0)
+    model = init_weights(apply_recompute(build_model(cfg), ParallelDims.single(), POINTWISE["pointwise"]), seed=0)
+    x = torch.randn(B, S, cfg.dim, requires_grad=True)
+    live = LiveBytes()
+    with live:
+        start = live.restart_peak()
+        y = model.block_runner(x, model.positions(S))
+        end = live.total
+    h_bytes, f_bytes = 4 * B * S * cfg.dim, 4 * B * S * cfg.hidden
+    assert live.peak - end == f_bytes + h_bytes, (live.peak - start, end - start, f_bytes, h_bytes)
+    y.sum().backward()
+    assert x.grad is not None
+
+
+@pytest.mark.parametrize("mode", ["none", "pointwise"])
+def test_accountant_equals_formula_outside_the_blocks(mode):
+    """After a pointwise last span the final norm keeps only its input (its normalised tensor
+    and rstd are recomputed): what the forward keeps outside the blocks is the formula's, exactly."""
+    from bigtrain.planner.formula import Shape, outside_tensors
+    from bigtrain.recompute.policy import final_norm_recomputed, spans_of
+
+    r = NONE if mode == "none" else POINTWISE[mode]
+    report = run_model(ParallelDims.single(), r, dropout=0.0, account=True)["report"]
+    cfg = model_cfg(0.0)
+    sh = Shape(cfg, B, S, 1, False, elem=4, mask_bytes=4, math_attention=False)
+    recomputed = final_norm_recomputed(spans_of(r, cfg.n_layers))
+    assert recomputed == (mode == "pointwise")
+    items = outside_tensors(sh, cfg.vocab_size, recomputed)
+    assert report.outside.device == sum(n for name, n in items.items() if not name.startswith("loss.")), items

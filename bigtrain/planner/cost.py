@@ -95,13 +95,14 @@ def _block_fwd(job: Job, n) -> float:
 
 def _pointwise_bytes(job: Job) -> float:
     """Bytes one block's elementwise replay reads and writes (recompute.modules pointwise): the two
-    RMSNorms and two residual adds on the fp32 stream, RoPE on q and k, the SwiGLU product, the
-    casts of the matmul inputs (bigtrain.recompute.pointwise)."""
+    RMSNorms and two residual adds on the fp32 stream, RoPE on q and k, the SwiGLU product and,
+    in its backward, silu(gate) once more (SwiGLU.lean), the casts of the matmul inputs
+    (bigtrain.recompute.pointwise)."""
     sh, m, t = job.shape, job.cfg.model, job.tp
     S = sh.b * sh.s
     Sr = S // t if sh.sp else S
     kv = m.kv_heads * m.head_dim
     stream = 2 * (4 + 4 + sh.elem) * Sr * m.dim + 2 * 3 * 4 * Sr * m.dim  # norms (in, weight, out), adds
     rope = 2 * sh.elem * S * (m.dim + kv) / t  # read and write q and k
-    swiglu = 3 * sh.elem * S * m.hidden / t  # read gate and up, write the product (silu fused)
+    swiglu = 5 * sh.elem * S * m.hidden / t  # read gate and up, write the product; read gate, write silu
     return stream + rope + swiglu

@@ -104,11 +104,13 @@ def saved_tensors(sh: Shape) -> dict[str, int]:
     return out
 
 
-def outside_tensors(sh: Shape, vocab: int) -> dict[str, int]:
+def outside_tensors(sh: Shape, vocab: int, norm_recomputed: bool = False) -> dict[str, int]:
     """What the forward keeps outside the blocks: embedding, final norm, output layer, loss.
 
     `vocab` is the padded vocabulary (a multiple of tp). The logits themselves are not kept
     (the loss keeps its fp32 softmax instead); they are a transient, see bigtrain.planner.memory.
+    norm_recomputed: the final norm runs again in backward (the last span is pointwise, see
+    policy.final_norm_recomputed): it keeps only its input.
     """
     m, t, e = sh.model, sh.tp, sh.elem
     S = sh.b * sh.s
@@ -116,6 +118,8 @@ def outside_tensors(sh: Shape, vocab: int) -> dict[str, int]:
     # ids: the inputs are a view of the (b, s + 1) token batch, whose whole storage is kept
     out = {"embedding.ids": 8 * sh.b * (sh.s + 1), "norm.input": 4 * Sr * m.dim, "norm.rstd": 4 * Sr,
            "norm.normalised": 4 * Sr * m.dim, "output.input": e * S * m.dim}
+    if norm_recomputed:
+        del out["norm.rstd"], out["norm.normalised"]
     if m.dropout > 0:  # on the fp32 embedding output: a 4-byte mask on the CPU, bool on CUDA
         out["embedding.dropout_mask"] = (1 if sh.mask_bytes == 1 else 4) * Sr * m.dim
     if sh.autocast:

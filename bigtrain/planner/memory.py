@@ -24,7 +24,7 @@ from bigtrain.parallel.dims import ParallelDims
 from bigtrain.planner.cost import overhead
 from bigtrain.planner.profile import Profile, head_profile, span_profile
 from bigtrain.planner.formula import document_tensors, outside_tensors, span_bytes, span_pool_bytes
-from bigtrain.recompute.policy import Span, keep_last_on_device
+from bigtrain.recompute.policy import Span, final_norm_recomputed, keep_last_on_device
 from bigtrain.recompute.saved import CHUNK_BYTES
 
 GiB = 2**30
@@ -139,7 +139,8 @@ def estimate(job: Job, spans: list[Span], policy: str = "", n: Params | None = N
     offloaded = sum(host_of)
     pooled = sum(span_pool_bytes(sh, s, min_bytes) for s in spans)  # each storage aligned in the pool
     pinned = -(-pooled // CHUNK_BYTES) * CHUNK_BYTES  # the pool pins whole chunks
-    outs = outside_tensors(sh, job.padded_vocab)
+    norm_recomputed = final_norm_recomputed(spans)
+    outs = outside_tensors(sh, job.padded_vocab, norm_recomputed)
     outside = sum(outs.values())
     # kept until the embedding's backward; the document mask's tensors until the first block's
     ids = outs["embedding.ids"] + outs.get("embedding.dropout_mask", 0) + sum(document_tensors(sh).values())
@@ -160,7 +161,7 @@ def estimate(job: Job, spans: list[Span], policy: str = "", n: Params | None = N
     # Two spans of device->host copies may be in flight (CUDA): at the end of forward the last
     # offloaded span's tensors may still be on the device.
     in_flight = 0 if on_cpu else next((h for h in reversed(host_of) if h), 0)
-    head = head_profile(sh, persistent)  # final norm, output layer, loss: their real code on fake tensors
+    head = head_profile(sh, persistent, norm_recomputed)  # final norm, output layer, loss: their real code on fake tensors
     end_fwd = base + sum(kept_dev) + ids + outs["norm.input"] + head.fwd_peak + in_flight
     phases = {"forward": max(peak_fwd, end_fwd)}
     walk = _Walk(base, kept_dev, host_of, prof, head, ids, outside, D, persistent)

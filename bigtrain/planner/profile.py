@@ -231,19 +231,22 @@ def _plain(model_cfg):
     return RecomputeConfig()
 
 
-def head_profile(shape, persistent: bool) -> Profile:
+def head_profile(shape, persistent: bool, norm_recomputed: bool = False) -> Profile:
     """The final norm, the output layer and the loss (vocab-parallel at tp > 1), like
     `span_profile`: fwd_peak above what was live before (the norm's input excluded), bwd_peak
-    above the start of backward (what they keep included), grads: the output layer's gradient."""
+    above the start of backward (what they keep included), grads: the output layer's gradient.
+    norm_recomputed: the final norm under checkpoint, as apply_recompute installs it after a
+    pointwise span (policy.final_norm_recomputed)."""
     import dataclasses
 
     m = tuple(sorted(dataclasses.asdict(shape.model).items()))
-    return _head(m, shape.b, shape.s, shape.tp, shape.sp, shape.autocast, persistent, shape.loss_chunk)
+    return _head(m, shape.b, shape.s, shape.tp, shape.sp, shape.autocast, persistent, shape.loss_chunk,
+                 norm_recomputed)
 
 
 @functools.lru_cache(maxsize=64)
 def _head(model_items: tuple, b: int, s: int, t: int, sp: bool, bf16: bool, persistent: bool,
-          chunk: int = 0) -> Profile:
+          chunk: int = 0, norm_recomputed: bool = False) -> Profile:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from bigtrain.config import ModelConfig
@@ -258,6 +261,11 @@ def _head(model_items: tuple, b: int, s: int, t: int, sp: bool, bf16: bool, pers
             from bigtrain.parallel.parallelize import parallelize
 
             parallelize(model, dims)
+        if norm_recomputed:
+            from bigtrain.recompute.policy import Recomputed
+            from bigtrain.recompute.saved import SavedTensors
+
+            model.norm = Recomputed(model.norm, SavedTensors(model), None)  # outside any span's group
         x = torch.zeros(b, s // t if dims.sequence_parallel else s, cfg.dim, requires_grad=True)
         targets = torch.zeros(b, s, dtype=torch.long)
         if persistent:

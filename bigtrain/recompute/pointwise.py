@@ -1,21 +1,28 @@
 """Op-level selective recompute (`recompute.modules: pointwise`): keep what the matmuls and
 attention compute, recompute every elementwise op from it.
 
-Two checkpoint regions per block, its halves (`Block.attention_half`: the attention norm to
-the out-projection; `Block.mlp_half`: the first residual add to the down-projection), so that
-backward replays one half at a time and only that half's elementwise outputs exist at once. The
-block's last residual add and the dropout before it run outside both. The first region's stash
-keeps the block's input, the second's the same input and the out-projection's output. While a
-region runs forward, a dispatch mode (`Cache`) sees every aten op and keeps the outputs of the
-matmuls (mm, addmm, bmm, baddbmm) and of fused attention (the output and its logsumexp),
-through the span's Group (so they are counted by the accountant and, under offload, go to the
-host). In backward the replay (`Replay`) runs the region again: a kept op returns what was kept
-instead of running, every other op (norms, RoPE, SiLU and the SwiGLU product, casts, the first
-residual add, dropout, collectives) runs again. Each region's last matmul (the out- and the
-down-projection) is not kept inside it: only a residual add consumes its output, and torch's
-early stop ends the replay when that matmul's inputs are saved, before it runs (the
+Three checkpoint regions per block, so that backward replays a part at a time and only that
+part's elementwise outputs exist at once: the attention half (`Block.attention_half`: the
+attention norm to the out-projection), the MLP's inputs (`Block.mlp_inputs`: the first residual
+add, the MLP norm, w1 and w3) and its output (`FeedForward.down`: the SwiGLU product and the
+down-projection). The block's last residual add and the dropout before it run outside them. The
+first region's stash keeps the block's input, the second's the same input and the
+out-projection's output, the third's gate and up (which the second keeps already: the same
+storages, counted and offloaded once). While a region runs forward, a dispatch mode (`Cache`)
+sees every aten op and keeps the outputs of the matmuls (mm, addmm, bmm, baddbmm) and of fused
+attention (the output and its logsumexp), through the span's Group (so they are counted by the
+accountant and, under offload, go to the host). In backward the replay (`Replay`) runs the
+region again: a kept op returns what was kept instead of running, every other op (norms, RoPE,
+SiLU and the SwiGLU product, casts, the first residual add, dropout, collectives) runs again.
+The out- and down-projection are not kept: only a residual add consumes their outputs, and
+torch's early stop ends the replay when that matmul's inputs are saved, before it runs (the
 out-projection's output is the second region's input, kept once by its stash: after the
 all-reduce or reduce-scatter, so under sequence parallelism as this rank's 1/tp slice).
+
+The SwiGLU product saves only gate and up (`SwiGLU.lean`, bitwise autograd's): it is made in
+silu(gate)'s buffer, and silu(gate) is made again in its backward, so the forward and the replay
+hold one (b, s, ffn) tensor beside gate and up, not two. After a pointwise last span the final
+norm runs under checkpoint as well (`policy.final_norm_recomputed`): it keeps only its input.
 
 RNG: no random op is ever kept (bernoulli_ and friends write in place, and only the compute ops
 above are kept), so the replay draws exactly the forward's random numbers in the forward's
@@ -26,7 +33,8 @@ dropout is an ordinary op: its matmuls are kept, its dropout replayed).
 
 Combinations: with core_attn nothing computed inside the attention core is kept (the kernel
 runs again from the kept q, k, v); with mlp nothing inside the MLP is kept (w1 and w3 run
-again from the recomputed norm output). Both, and the out- and down-projections, are modules inside
+again from the recomputed norm output; the MLP half is then one region, `Block.mlp_half`, and
+the product keeps silu(gate) as without recompute). Both, and the out- and down-projections, are modules inside
 which nothing is kept (`no_cache`), marked by forward hooks that also run in the replay.
 """
 

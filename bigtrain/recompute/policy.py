@@ -11,10 +11,11 @@ the model. Parameter names never change, so checkpoints move freely between poli
                            blocks; method block: only the first num_layers blocks, one each.
     granularity selective  inside every block the modules named in `modules` run under
                            checkpoint(); everything else keeps its saved tensors (offload: on
-                           the host). modules pointwise: each block's two halves (attention,
-                           MLP; not its last residual add) run under checkpoint(), keeping the
-                           block's input and the matmul and attention outputs; every
-                           elementwise op is recomputed, one half at a time (pointwise.py);
+                           the host). modules pointwise: each block's attention half and its
+                           MLP's two stages (not its last residual add) run under
+                           checkpoint(), keeping the block's input and the matmul and attention
+                           outputs; every elementwise op is recomputed, one region at a time
+                           (pointwise.py), and after a pointwise last span the final norm too;
                            with core_attn / mlp, those modules' matmuls run again too.
     granularity auto       a policy per block, chosen by bigtrain.planner from memory_budget.
 
@@ -36,7 +37,7 @@ from bigtrain.config import RecomputeConfig, parse_bytes
 from bigtrain.parallel.dims import ParallelDims
 from bigtrain.recompute.checkpoint import Stash, checkpoint
 from bigtrain.recompute.pointwise import Kept, no_cache
-from bigtrain.recompute.saved import SavedTensors
+from bigtrain.recompute.saved import Group, SavedTensors
 
 # recompute.modules -> paths inside a Block
 SELECTIVE_MODULES = {
@@ -170,15 +171,25 @@ class BlockRunner:
         return x
 
     def _run_pointwise(self, layer, x, pos):
-        """One block under op-level recompute, as two checkpoint regions (Block.attention_half,
-        Block.mlp_half) so that backward replays one half at a time. Each keeps the matmul and
-        attention outputs of its half (a Kept); the first region's stash keeps x, the second's
-        x and the attention's output (the first region's last matmul, not kept inside it). The
-        last residual add (and its dropout, whose mask is kept as without recompute) runs
-        outside both."""
+        """One block under op-level recompute, as checkpoint regions (Block.attention_half, then
+        Block.mlp_inputs and FeedForward.down, or Block.mlp_half with mlp) so that backward
+        replays one at a time. Each keeps the matmul and attention outputs inside it (a Kept);
+        the first region's stash keeps x, the second's x and the attention's output (the first
+        region's last matmul, not kept inside it), the third's gate and up. The last residual
+        add (and its dropout, whose mask is kept as without recompute) runs outside them."""
         group = self.saved.current
         attn_out = checkpoint(self._attention_half, Stash((x,), group), layer, pos, rng=self.rng, kept=Kept(group))
-        x, mlp_out = checkpoint(self._mlp_half, Stash((x, attn_out), group), layer, rng=self.rng, kept=Kept(group))
+        if layer.feed_forward.act.lean:
+            # The MLP half in two regions (the norm and w1/w3; the product and w2): the replay
+            # then never holds the norm's output and the product together, nor does the
+            # forward. The second region's stash keeps gate and up, which the first region
+            # keeps already (the same storages: counted and offloaded once).
+            x, gate, up = checkpoint(self._mlp_inputs, Stash((x, attn_out), group), layer, rng=self.rng,
+                                     kept=Kept(group))
+            mlp_out = checkpoint(self._mlp_down, Stash((gate, up), group), layer, rng=self.rng, kept=Kept(group))
+        else:  # pointwise with mlp: nothing inside the MLP is kept, it runs again whole
+            x, mlp_out = checkpoint(self._mlp_half, Stash((x, attn_out), group), layer, rng=self.rng,
+                                    kept=Kept(group))
         return x + layer.dropout(mlp_out)
 
     @staticmethod
@@ -190,6 +201,16 @@ class BlockRunner:
     def _mlp_half(stash: Stash, layer):
         x, attn_out = stash.take()
         return layer.mlp_half(x, attn_out)
+
+    @staticmethod
+    def _mlp_inputs(stash: Stash, layer):
+        x, attn_out = stash.take()
+        return layer.mlp_inputs(x, attn_out)
+
+    @staticmethod
+    def _mlp_down(stash: Stash, layer):
+        gate, up = stash.take()
+        return layer.feed_forward.down(gate, up)
 
 
 _IN_STASH = object()  # where a Recomputed module's tensor argument goes back in its replay
@@ -216,7 +237,10 @@ class Recomputed(nn.Module):
         # document mask, shared by all blocks, or None) is passed as it is.
         tensors = tuple(a for a in args if isinstance(a, torch.Tensor))
         others = tuple(_IN_STASH if isinstance(a, torch.Tensor) else a for a in args)
-        return checkpoint(self._replay, Stash(tensors, self.saved.current), others, rng=self.rng)
+        group = self.saved.current
+        if group is None and self.saved.accountant is not None:
+            group = Group(self.saved, None, offload=False)  # outside the blocks (the final norm): counted there
+        return checkpoint(self._replay, Stash(tensors, group), others, rng=self.rng)
 
     def _replay(self, stash: Stash, others: tuple):
         tensors = iter(stash.take())
@@ -229,6 +253,14 @@ class Recomputed(nn.Module):
 
     def extra_repr(self) -> str:
         return f"recomputed {type(self.inner).__name__}"
+
+
+def final_norm_recomputed(spans: list[Span]) -> bool:
+    """After a pointwise last span the final norm runs under checkpoint too (op-level recompute
+    covers the elementwise ops up to the output layer): it keeps only its input (the last
+    block's output), not its normalised tensor and rstd; its output is the output layer's input,
+    kept by it (or by the loss chunks' checkpoints)."""
+    return bool(spans) and spans[-1].pointwise
 
 
 def apply_recompute(model: nn.Module, dims: ParallelDims, cfg: RecomputeConfig,
@@ -245,9 +277,13 @@ def apply_recompute(model: nn.Module, dims: ParallelDims, cfg: RecomputeConfig,
             if span.pointwise:  # core_attn / mlp then mean: nothing kept inside them
                 for path in (p for name in span.modules for p in POINTWISE_NOT_KEPT.get(name, ())):
                     no_cache(block.get_submodule(path))
+                # gate and up are kept: the product need not keep silu(gate) (SwiGLU.lean)
+                block.feed_forward.act.lean = "mlp" not in span.modules
                 continue
             for name in span.modules:
                 for path in SELECTIVE_MODULES[name]:
                     block.set_submodule(path, Recomputed(block.get_submodule(path), runner.saved, runner.rng))
+    if final_norm_recomputed(spans):
+        model.norm = Recomputed(model.norm, runner.saved, runner.rng)
     model.block_runner = runner
     return model

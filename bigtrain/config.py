@@ -285,7 +285,7 @@ class TrainConfig:
     stop_check_every: int = 10
     """On SIGTERM/SIGUSR1 the ranks agree to stop at logging steps and every N steps (each check is a host sync)."""
     loss_chunk: int = 0
-    """Compute the output layer and the loss this many positions at a time, each chunk's logits recomputed in backward: the (b, seq_len, vocab) logits and their fp32 softmax never exist whole: one chunk's logits do, its softmax made in them, at one more output-layer forward per step. 0: the whole micro-batch at once. Under sequence parallelism a multiple of parallel.tp."""
+    """Compute the output layer and the loss this many positions at a time, each chunk's logits recomputed in backward: the (b, seq_len, vocab) logits and their fp32 softmax never exist whole: one chunk's logits do (fp32 ones hold their own softmax; bf16 ones an fp32 copy beside them), at one more output-layer forward per step. 0: the whole micro-batch at once. Under sequence parallelism a multiple of parallel.tp."""
     async_save: Literal["auto", "true", "false"] = "auto"
     """Write the save_every checkpoints in a background thread while training continues (parallel.engine=ddp only): the state is copied to host memory, which takes 12 bytes per parameter of this rank's shards. auto: on with DDP on CUDA when that copy fits in the host memory budget (recompute.host_memory_budget) beside offload's; off on the CPU, where the copy shares the training's memory and cores."""
 

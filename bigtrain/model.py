@@ -354,8 +354,9 @@ class Block(nn.Module):
         x, mlp_out = self.mlp_half(x, self.attention_half(x, pos))
         return x + self.dropout(mlp_out)
 
-    # The two halves are pointwise recompute's regions (bigtrain.recompute.pointwise): each is
-    # replayed on its own in backward, so only one half's elementwise outputs exist at once.
+    # Pointwise recompute's regions (bigtrain.recompute.pointwise): attention_half, then
+    # mlp_inputs and FeedForward.down (mlp_half whole with recompute.modules mlp); each is
+    # replayed on its own in backward, so only one region's elementwise outputs exist at once.
     def attention_half(self, x: torch.Tensor, pos: Positions) -> torch.Tensor:
         """The attention sublayer's output (b, s, h), before its dropout and residual add."""
         return self.attention(self.attention_norm(x), pos)

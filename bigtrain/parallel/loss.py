@@ -94,8 +94,9 @@ def chunked_cross_entropy(hidden: torch.Tensor, output, targets: torch.Tensor, c
     """cross_entropy(output(hidden), targets), `chunk` positions at a time (train.loss_chunk):
     each chunk's logits exist only while that chunk runs, in forward and again in backward
     (torch's checkpoint recomputes the chunk: one more output-layer forward per step), and its
-    softmax is made in them (the vocab-parallel function, also at tp=1: one fp32 buffer per
-    chunk, not logits and a log-softmax; equal to the whole loss to fp32 rounding).
+    softmax is made in them when they are fp32 (the vocab-parallel function, also at tp=1: one
+    fp32 buffer per chunk, not logits and a log-softmax; under bf16 autocast the bf16 logits and
+    one fp32 copy); equal to the whole loss to fp32 rounding.
 
     hidden: (b, s, h) final hidden states, or this rank's (b, s/tp, h) under sequence
     parallelism, where the output layer all-gathers each chunk: rank r's positions [r s/tp + k c/tp,
@@ -114,8 +115,9 @@ def chunked_cross_entropy(hidden: torch.Tensor, output, targets: torch.Tensor, c
 
 
 def _chunk_loss_sum(hidden, output, targets, group, vocab_size):
-    """The summed loss of one chunk, its softmax made in its logits' buffer (nothing else reads
-    them): the chunk's peak is one (b, c, v/tp) fp32 buffer, not the logits and a log-softmax."""
+    """The summed loss of one chunk, its softmax made in its fp32 logits' buffer (nothing else
+    reads them): the chunk's peak is one (b, c, v/tp) fp32 buffer, not the logits and a
+    log-softmax (bf16 logits under autocast: those and one fp32 copy)."""
     logits = output(hidden)  # (b, c, v/tp)
     losses, _ = _VocabParallelCrossEntropy.apply(logits, targets, group, vocab_size, True)  # (b, c)
     return losses.sum()
